@@ -1,0 +1,33 @@
+# tokenrelay: `make run` starts the whole system, `make test` runs every test.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: install run test check typecheck bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+run: install
+	$(PY) -m worker.model
+	honcho start
+
+test: install
+	$(PY) -m pytest
+
+typecheck: install
+	$(PY) -m mypy
+
+check: typecheck test
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .run .mypy_cache .pytest_cache

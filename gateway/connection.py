@@ -1,0 +1,244 @@
+"""One client connection: authenticate, dispatch requests, relay messages, one send lock.
+
+Every outgoing frame (acks, heartbeat acks, chunks, errors) passes through `send`, which
+holds `send_lock` for the whole frame and gives up on a client that cannot take it within
+`slow_client_timeout_s` (closed with 4008). Heartbeats are answered by the reader at once;
+other requests are handled in order by one dispatcher task, so a slow Redis call never
+delays a heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Protocol
+
+import structlog
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from gateway import SlowConsumer, metrics, requests
+from gateway.live import Relay
+from protocol.errors import AuthError, BadRequest
+from protocol.messages import (
+    Auth,
+    AuthOk,
+    Cancel,
+    Chat,
+    ClearHistory,
+    ClientMessage,
+    Error,
+    ErrorCode,
+    Heartbeat,
+    HeartbeatAck,
+    History,
+    HistoryCleared,
+    HistoryReply,
+    Resume,
+    ServerMessage,
+    encode_text,
+)
+from protocol.validation import decode_client
+from store import Unavailable
+from store.tasks import spawn
+
+if TYPE_CHECKING:
+    from gateway.server import Gateway
+
+log = structlog.get_logger("gateway.connection")
+
+CLOSE_POLICY = 1008
+CLOSE_SLOW_CONSUMER = 4008
+
+
+class FrameSink(Protocol):
+    """The part of a websockets connection that `SendChannel` needs."""
+
+    async def send(self, message: str) -> None: ...
+
+
+class SendChannel:
+    """Serialises frames onto one connection; bounded by the socket's write buffer."""
+
+    def __init__(self, sink: FrameSink, timeout_s: float) -> None:
+        self.sink = sink
+        self.send_lock = asyncio.Lock()
+        self.timeout_s = timeout_s
+
+    async def send(self, frame: str) -> None:
+        async with self.send_lock:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    await self.sink.send(frame)
+            except TimeoutError:
+                raise SlowConsumer(f"client did not read a frame within {self.timeout_s}s") from None
+        metrics.FRAMES_OUT.inc()
+
+
+class Connection:
+    def __init__(self, gateway: Gateway, ws: ServerConnection) -> None:
+        self.gw = gateway
+        self.ws = ws
+        self.channel = SendChannel(ws, gateway.config.slow_client_timeout_s)
+        self.user = "anonymous"
+        self.relays: dict[str, tuple[Relay, asyncio.Task[None]]] = {}
+        self.requests: asyncio.Queue[ClientMessage] = asyncio.Queue(gateway.config.max_pending_requests)
+        self.slow = False
+
+    # --- sending ------------------------------------------------------------------------
+
+    async def send(self, frame: str) -> None:
+        try:
+            await self.channel.send(frame)
+        except SlowConsumer:
+            if not self.slow:
+                self.slow = True
+                metrics.CLOSED.labels("slow_consumer").inc()
+                log.warning("slow_consumer", user=self.user)
+                self.ws.transport.abort()
+            raise
+
+    async def reply(self, message: ServerMessage) -> None:
+        await self.send(encode_text(message))
+
+    async def error(
+        self, code: ErrorCode, text: str, request_id: str | None = None, message_id: str | None = None
+    ) -> None:
+        metrics.ERRORS.labels(code).inc()
+        await self.reply(Error(code=code, message=text, request_id=request_id, message_id=message_id))
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        dispatcher = spawn(self._dispatch(), "dispatch")
+        try:
+            if not await self._authenticate():
+                return
+            async for raw in self.ws:
+                await self._on_frame(raw)
+        except (ConnectionClosed, SlowConsumer):
+            pass
+        finally:
+            dispatcher.cancel()
+            await asyncio.gather(dispatcher, return_exceptions=True)
+            await self._detach()
+
+    async def _authenticate(self) -> bool:
+        """With a secret: the first message must be a valid `auth`, within the auth timeout."""
+        if self.gw.config.auth_secret is None:
+            return True
+        try:
+            async with asyncio.timeout(self.gw.config.auth_timeout_s):
+                raw = await self.ws.recv()
+        except TimeoutError:
+            await self.ws.close(CLOSE_POLICY, "auth timeout")
+            return False
+        try:
+            message = decode_client(raw)
+            if not isinstance(message, Auth) or message.token is None:
+                raise AuthError("the first message must be auth with a token")
+            self.user = self.gw.verify(message.token)
+        except (BadRequest, AuthError) as exc:
+            metrics.CLOSED.labels("auth").inc()
+            await self.ws.close(CLOSE_POLICY, str(exc)[:120])
+            return False
+        await self.reply(AuthOk(user=self.user))
+        return True
+
+    async def _on_frame(self, raw: str | bytes) -> None:
+        try:
+            message = decode_client(raw, self.gw.config.limits)
+        except BadRequest as exc:
+            await self.error("bad_request", str(exc), request_id=exc.request_id)
+            return
+        metrics.MESSAGES_IN.labels(type(message).__name__.lower()).inc()
+        match message:
+            case Heartbeat(ts=ts):
+                metrics.HEARTBEATS.inc()
+                await self.reply(HeartbeatAck(server_ts=time.time(), ts=ts))
+            case Auth(user=user, token=token):
+                await self._reauth(user, token)
+            case _:
+                try:
+                    self.requests.put_nowait(message)
+                except asyncio.QueueFull:
+                    rid = message.request_id if isinstance(message, Chat) else None
+                    await self.error("rate_limited", "too many requests in flight on this connection", rid)
+
+    async def _reauth(self, user: str | None, token: str | None) -> None:
+        if self.gw.config.auth_secret is not None:
+            if token is None:
+                await self.error("unauthorized", "auth needs a token on this gateway")
+                return
+            try:
+                self.user = self.gw.verify(token)
+            except AuthError as exc:
+                await self.error("unauthorized", str(exc))
+                return
+        else:
+            self.user = user or "anonymous"
+        await self.reply(AuthOk(user=self.user))
+
+    async def _dispatch(self) -> None:
+        while True:
+            message = await self.requests.get()
+            try:
+                match message:
+                    case Chat():
+                        await requests.chat(self, message)
+                    case Cancel():
+                        await requests.cancel(self, message)
+                    case Resume():
+                        await requests.resume(self, message)
+                    case History(session_id=sid):
+                        turns = await self.gw.store.history(self.user, sid)
+                        await self.reply(HistoryReply(session_id=sid, turns=turns))
+                    case ClearHistory(session_id=sid):
+                        await self.gw.store.clear_history(self.user, sid)
+                        await self.reply(HistoryCleared(session_id=sid))
+            except Unavailable as exc:
+                log.warning("redis_unavailable", error=str(exc))
+                rid = message.request_id if isinstance(message, Chat) else None
+                await self.error("unavailable", "the message store is unreachable; try again shortly", rid)
+
+    # --- relays -------------------------------------------------------------------------
+
+    def relay(self, message_id: str, after_seq: int) -> None:
+        """Start (or restart from `after_seq`) relaying a message to this connection."""
+        previous = self.relays.pop(message_id, None)
+        if previous is not None:
+            previous[1].cancel()
+        relay = Relay(self.gw.hub, self.gw.store, message_id, after_seq, self.send)
+        task = spawn(self._run_relay(relay), f"relay-{message_id}")
+        self.relays[message_id] = (relay, task)
+
+    async def _run_relay(self, relay: Relay) -> None:
+        try:
+            await relay.run()
+        except (ConnectionClosed, SlowConsumer):
+            return
+        except Unavailable as exc:
+            log.warning("relay_unavailable", message_id=relay.message_id, error=str(exc))
+            await asyncio.sleep(0.5)
+            if self.relays.get(relay.message_id, (None,))[0] is relay:
+                self.relay(relay.message_id, relay.tracker.last_seq)
+            return
+        current = self.relays.get(relay.message_id)
+        if current is not None and current[0] is relay:
+            del self.relays[relay.message_id]
+
+    def watching(self) -> list[str]:
+        return [mid for mid, (relay, _t) in self.relays.items() if not relay.finished]
+
+    async def _detach(self) -> None:
+        """A closed connection is not a Stop: unfinished messages get the detach grace."""
+        unfinished = self.watching()
+        for _relay, task in self.relays.values():
+            task.cancel()
+        await asyncio.gather(*(t for _r, t in self.relays.values()), return_exceptions=True)
+        self.relays.clear()
+        if unfinished:
+            try:
+                await self.gw.store.refresh_attach(unfinished, self.gw.store.lifetimes.detach_grace_ms)
+            except Unavailable as exc:
+                log.warning("detach_lease_failed", error=str(exc))

@@ -1,0 +1,25 @@
+"""Gateway metrics, served on GET /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CONNECTIONS = Gauge("tokenrelay_gateway_connections", "Open WebSocket connections")
+STREAMS = Gauge("tokenrelay_gateway_streams", "Messages being relayed to a connection now")
+MESSAGES_IN = Counter("tokenrelay_gateway_client_messages_total", "Client messages, by type", ["type"])
+FRAMES_OUT = Counter("tokenrelay_gateway_frames_out_total", "Frames sent to clients")
+ERRORS = Counter("tokenrelay_gateway_errors_total", "Error replies, by code", ["code"])
+CANCELS = Counter("tokenrelay_gateway_cancels_total", "Cancel requests, by outcome", ["status"])
+CANCEL_SECONDS = Histogram(
+    "tokenrelay_gateway_cancel_seconds",
+    "From a cancel's arrival to its cancel_result (signal stored and pushed)",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0),
+)
+HEARTBEATS = Counter("tokenrelay_gateway_heartbeats_total", "Client heartbeat messages answered")
+PING_RTT = Histogram(
+    "tokenrelay_gateway_ping_rtt_seconds",
+    "WebSocket ping round trip of client connections",
+    buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
+)
+CLOSED = Counter("tokenrelay_gateway_closed_total", "Connections closed, by reason", ["reason"])
+RESYNCS = Counter("tokenrelay_gateway_log_resyncs_total", "Relays that re-read the message log")

@@ -1,0 +1,95 @@
+"""Handlers for the requests that touch Redis: chat, cancel, resume."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING
+
+import structlog
+
+from gateway import metrics
+from protocol.jobs import Job
+from protocol.messages import Accepted, Cancel, CancelResult, CancelStatus, Chat, Resume
+
+if TYPE_CHECKING:
+    from gateway.connection import Connection
+
+log = structlog.get_logger("gateway.requests")
+
+SUPERSEDE_ATTEMPTS = 4
+
+
+def new_message_id() -> str:
+    """Time-ordered and unguessable: milliseconds in hex, then 64 random bits."""
+    return f"m{int(time.time() * 1000):011x}{os.urandom(8).hex()}"
+
+
+async def chat(conn: Connection, message: Chat) -> None:
+    gw = conn.gw
+    job = Job(
+        message_id=new_message_id(),
+        user=conn.user,
+        session_id=message.session_id,
+        text=message.text,
+        max_tokens=message.max_tokens or gw.config.default_max_tokens,
+        request_id=message.request_id,
+        created_ms=int(time.time() * 1000),
+    )
+    supersede = ""
+    for _attempt in range(SUPERSEDE_ATTEMPTS):
+        result = await gw.store.submit(job, supersede)
+        match result.outcome:
+            case "ok" | "dup":
+                mid = result.message_id
+                await conn.reply(Accepted(session_id=job.session_id, message_id=mid, request_id=job.request_id))
+                if result.outcome == "ok" or mid not in conn.relays:
+                    conn.relay(mid, 0)
+                log.info("chat_accepted", message_id=mid, session_id=job.session_id, duplicate=result.outcome == "dup")
+                return
+            case "busy":
+                supersede = result.message_id
+                status = await gw.store.cancel(supersede, conn.user, "superseded")
+                log.info("chat_supersedes", message_id=supersede, session_id=job.session_id, status=status)
+            case "overloaded":
+                await conn.error("overloaded", "the job queue is full; try again later", job.request_id)
+                return
+    await conn.error("internal", "the session kept changing under this request; send it again", job.request_id)
+
+
+async def cancel(conn: Connection, message: Cancel) -> None:
+    started = time.perf_counter()
+    gw = conn.gw
+    if message.message_id is None and message.session_id is None:
+        await conn.error("bad_request", "cancel needs message_id or session_id")
+        return
+    target = message.message_id
+    if target is None and message.session_id is not None:
+        target = await gw.store.active_message(conn.user, message.session_id)
+        if target is None:
+            target = await gw.store.last_message(conn.user, message.session_id)
+    status: CancelStatus = "not_found"
+    if target is not None:
+        status = await gw.store.cancel(target, conn.user, "user")
+    await conn.reply(CancelResult(status=status, message_id=target, session_id=message.session_id))
+    elapsed = time.perf_counter() - started
+    metrics.CANCELS.labels(status).inc()
+    metrics.CANCEL_SECONDS.observe(elapsed)
+    log.info(
+        "cancel",
+        message_id=target,
+        session_id=message.session_id,
+        status=status,
+        gateway_id=gw.id,
+        elapsed_ms=round(elapsed * 1000, 3),
+    )
+
+
+async def resume(conn: Connection, message: Resume) -> None:
+    owner = await conn.gw.store.message_owner(message.message_id)
+    if owner is None or owner[0] != conn.user:
+        await conn.error("not_found", "no such message (unknown, expired, or not yours)", message_id=message.message_id)
+        return
+    await conn.gw.store.refresh_attach([message.message_id], conn.gw.store.lifetimes.detach_grace_ms)
+    conn.relay(message.message_id, message.after_seq)
+    log.info("resume", message_id=message.message_id, after_seq=message.after_seq, gateway_id=conn.gw.id)

@@ -1,0 +1,37 @@
+"""Gateway ↔ worker records. Unknown fields are tolerated so that a rolling deploy works."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Job(msgspec.Struct, frozen=True):
+    """One generation request, as queued on the jobs stream."""
+
+    message_id: str
+    user: str
+    session_id: str
+    text: str
+    max_tokens: int
+    request_id: str | None = None
+    created_ms: int = 0
+
+
+class StoredTurn(msgspec.Struct, frozen=True):
+    """A user turn in a session's history list."""
+
+    message_id: str
+    text: str
+
+
+class StoredAnswer(msgspec.Struct, frozen=True):
+    """An assistant turn, written when its message ends."""
+
+    text: str
+    status: str
+
+
+job_encoder = msgspec.json.Encoder()
+job_decoder = msgspec.json.Decoder(Job)
+turn_decoder = msgspec.json.Decoder(StoredTurn)
+answer_decoder = msgspec.json.Decoder(StoredAnswer)

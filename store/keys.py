@@ -1,0 +1,97 @@
+"""Every Redis key, stream and channel name, defined once.
+
+Lua scripts receive prefixes from here (ARGV) rather than spelling names themselves. Key
+lifetimes are in `store.settings.Lifetimes`; docs/ARCHITECTURE.md lists them all.
+"""
+
+from __future__ import annotations
+
+NS = "tr:"
+
+JOBS_STREAM = NS + "jobs"
+"""Stream of `Job`s; consumer group `WORKER_GROUP`; trimmed with MAXLEN ~."""
+DEAD_STREAM = NS + "jobs:dead"
+"""Jobs that killed every worker that took them; trimmed with MAXLEN ~."""
+WORKER_GROUP = "workers"
+QUEUED_COUNTER = NS + "queued"
+"""Jobs accepted but not yet claimed (admission control); one integer."""
+CANCEL_CHANNEL = NS + "cancels"
+"""Pub/sub: message ids whose cancel key was just set; every worker listens."""
+
+META_PREFIX = NS + "msg:"
+LOG_PREFIX = NS + "log:"
+LIVE_PREFIX = NS + "live:"
+CANCEL_PREFIX = NS + "cancel:"
+GRACE_PREFIX = NS + "grace:"
+ATTACH_PREFIX = NS + "attach:"
+ACTIVE_PREFIX = NS + "active:"
+HISTORY_PREFIX = NS + "hist:"
+ANSWERS_PREFIX = NS + "answers:"
+REQUEST_PREFIX = NS + "req:"
+INSTANCE_PREFIX = NS + "inst:"
+ALIVE_PREFIX = NS + "alive:"
+
+
+def meta(message_id: str) -> str:
+    """Hash: owner user, session, state (queued|running|done|cancelled|error), worker, attempt."""
+    return META_PREFIX + message_id
+
+
+def log(message_id: str) -> str:
+    """Stream of the message's client frames; entry id `N-0` holds position N."""
+    return LOG_PREFIX + message_id
+
+
+def live_channel(message_id: str) -> str:
+    """Pub/sub: each frame appended to the log, pushed to watching gateways."""
+    return LIVE_PREFIX + message_id
+
+
+def cancel_key(message_id: str) -> str:
+    """The durable cancel flag of a running message."""
+    return CANCEL_PREFIX + message_id
+
+
+def grace_record(message_id: str) -> str:
+    """`completed` or `cancelled` for a short window after the message ended."""
+    return GRACE_PREFIX + message_id
+
+
+def attach_lease(message_id: str) -> str:
+    """Exists while some connection watches the message (or within the detach grace)."""
+    return ATTACH_PREFIX + message_id
+
+
+def session_scope(user: str, session_id: str) -> str:
+    """User names cannot contain ':' so `user:session` is unambiguous."""
+    return f"{user}:{session_id}"
+
+
+def active(user: str, session_id: str) -> str:
+    """The message id now queued or running in a session."""
+    return ACTIVE_PREFIX + session_scope(user, session_id)
+
+
+def history(user: str, session_id: str) -> str:
+    """List of user turns (`StoredTurn`), bounded with LTRIM."""
+    return HISTORY_PREFIX + session_scope(user, session_id)
+
+
+def answers(user: str, session_id: str) -> str:
+    """Hash message id → `StoredAnswer`; fields leave with their user turn."""
+    return ANSWERS_PREFIX + session_scope(user, session_id)
+
+
+def request(user: str, session_id: str, request_id: str) -> str:
+    """Idempotency record: request id → message id."""
+    return f"{REQUEST_PREFIX}{session_scope(user, session_id)}:{request_id}"
+
+
+def instance(kind: str, instance_id: str) -> str:
+    """Hash describing a running gateway or worker, refreshed by its heartbeat."""
+    return f"{INSTANCE_PREFIX}{kind}:{instance_id}"
+
+
+def alive(worker_id: str) -> str:
+    """A worker's liveness key: while it exists, the worker's pending jobs are its own."""
+    return ALIVE_PREFIX + worker_id

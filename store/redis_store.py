@@ -1,0 +1,290 @@
+"""Typed operations on Redis for gateways and workers; each state change is one script call."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from protocol.jobs import Job, StoredAnswer, StoredTurn, answer_decoder, job_encoder, turn_decoder
+from protocol.messages import (
+    CancelStatus,
+    Cancelled,
+    Chunk,
+    HistoryTurn,
+    TurnStatus,
+    encode_text,
+    server_decoder,
+)
+from store import Unavailable, keys, scripts
+from store.settings import Lifetimes
+
+CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+Redis = aioredis.Redis
+
+
+def connect(url: str, *, timeout_s: float | None = 2.0) -> Redis:
+    """A client whose calls fail fast when Redis is down or paused (`timeout_s`).
+
+    Pub/sub listeners pass `timeout_s=None`: they block on reads by design.
+    """
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=2.0,
+        health_check_interval=0,
+        decode_responses=False,
+    )
+
+
+@asynccontextmanager
+async def guarded() -> AsyncIterator[None]:
+    """Turn Redis connection failures into `Unavailable`."""
+    try:
+        yield
+    except CONNECTION_ERRORS as exc:
+        raise Unavailable(f"redis unreachable: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitResult:
+    outcome: Literal["ok", "dup", "busy", "overloaded"]
+    message_id: str
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Store:
+    def __init__(self, client: Redis, lifetimes: Lifetimes | None = None) -> None:
+        self.redis = client
+        self.lifetimes = lt = lifetimes or Lifetimes()
+        self._config = json.dumps(
+            {
+                "meta": keys.META_PREFIX,
+                "log": keys.LOG_PREFIX,
+                "live": keys.LIVE_PREFIX,
+                "cancel": keys.CANCEL_PREFIX,
+                "grace": keys.GRACE_PREFIX,
+                "active": keys.ACTIVE_PREFIX,
+                "hist": keys.HISTORY_PREFIX,
+                "answers": keys.ANSWERS_PREFIX,
+                "queued": keys.QUEUED_COUNTER,
+                "cancels": keys.CANCEL_CHANNEL,
+                "log_maxlen": lt.log_maxlen,
+                "jobs_maxlen": lt.jobs_maxlen,
+                "message_ttl": lt.message_ttl_s,
+                "ended_ttl": lt.ended_ttl_s,
+                "grace_s": lt.grace_s,
+                "hist_ttl": lt.history_ttl_s,
+                "hist_max": lt.history_max_turns,
+                "backlog_limit": lt.backlog_limit,
+                "detach_ms": lt.detach_grace_ms,
+            }
+        )
+        self._submit = client.register_script(scripts.SUBMIT)
+        self._cancel = client.register_script(scripts.CANCEL)
+        self._claim = client.register_script(scripts.CLAIM)
+        self._takeover = client.register_script(scripts.TAKEOVER)
+        self._append = client.register_script(scripts.APPEND)
+        self._finish = client.register_script(scripts.FINISH)
+
+    async def ping(self) -> bool:
+        async with guarded():
+            return bool(await self.redis.ping())
+
+    # --- gateway side -------------------------------------------------------------------
+
+    async def submit(self, job: Job, supersede: str = "") -> SubmitResult:
+        turn = job_encoder.encode(StoredTurn(message_id=job.message_id, text=job.text))
+        request_key = (
+            keys.request(job.user, job.session_id, job.request_id) if job.request_id else ""
+        )
+        async with guarded():
+            outcome, mid = await self._submit(
+                keys=[
+                    keys.meta(job.message_id),
+                    keys.active(job.user, job.session_id),
+                    keys.history(job.user, job.session_id),
+                    keys.answers(job.user, job.session_id),
+                    request_key or keys.meta(job.message_id),
+                    keys.JOBS_STREAM,
+                    keys.attach_lease(job.message_id),
+                    keys.QUEUED_COUNTER,
+                ],
+                args=[
+                    self._config,
+                    job.message_id,
+                    job.user,
+                    job.session_id,
+                    turn,
+                    job.request_id or "",
+                    job_encoder.encode(job),
+                    job.created_ms,
+                    supersede,
+                ],
+            )
+        return SubmitResult(cast(Any, _s(outcome)), _s(mid))
+
+    async def cancel(self, message_id: str, user: str, reason: str) -> CancelStatus:
+        frame = encode_text(Cancelled(message_id=message_id, seq=0))
+        async with guarded():
+            status = await self._cancel(
+                keys=[keys.meta(message_id)],
+                args=[self._config, message_id, user, reason, frame],
+            )
+        return cast(CancelStatus, _s(status))
+
+    async def active_message(self, user: str, session_id: str) -> str | None:
+        async with guarded():
+            mid = await self.redis.get(keys.active(user, session_id))
+        return _s(mid) if mid is not None else None
+
+    async def last_message(self, user: str, session_id: str) -> str | None:
+        """The session's latest message, for a cancel by session after it ended."""
+        async with guarded():
+            raw = await self.redis.lindex(keys.history(user, session_id), -1)
+        return turn_decoder.decode(raw).message_id if raw is not None else None
+
+    async def message_owner(self, message_id: str) -> tuple[str, str] | None:
+        """(user, state) of a message, or None when it does not exist (anymore)."""
+        async with guarded():
+            user, state = await self.redis.hmget(keys.meta(message_id), ["user", "state"])
+        if user is None or state is None:
+            return None
+        return _s(user), _s(state)
+
+    async def read_log(self, message_id: str, after_position: int) -> list[str]:
+        """Frames at positions > `after_position`, in order."""
+        async with guarded():
+            entries: list[tuple[bytes, dict[bytes, bytes]]] = await self.redis.xrange(  # type: ignore[assignment]
+                keys.log(message_id), min=f"{after_position + 1}-0", max="+"
+            )
+        return [_s(fields[b"f"]) for _id, fields in entries]
+
+    async def refresh_attach(self, message_ids: Sequence[str], lease_ms: int) -> None:
+        if not message_ids:
+            return
+        async with guarded():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for mid in message_ids:
+                    pipe.set(keys.attach_lease(mid), b"1", px=lease_ms)
+                await pipe.execute()
+
+    async def history(self, user: str, session_id: str) -> list[HistoryTurn]:
+        async with guarded():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.lrange(keys.history(user, session_id), 0, -1)
+                pipe.hgetall(keys.answers(user, session_id))
+                raw_turns, raw_answers = await pipe.execute()
+            answers = {_s(k): answer_decoder.decode(v) for k, v in raw_answers.items()}
+            turns: list[HistoryTurn] = []
+            for raw in raw_turns:
+                stored = turn_decoder.decode(raw)
+                turns.append(HistoryTurn(stored.message_id, "user", stored.text, "complete"))
+                answer = answers.get(stored.message_id) or await self._in_flight(stored.message_id)
+                if answer is not None:
+                    status = cast(TurnStatus, answer.status)
+                    turns.append(HistoryTurn(stored.message_id, "assistant", answer.text, status))
+        return turns
+
+    async def _in_flight(self, message_id: str) -> StoredAnswer | None:
+        """A message with no stored answer yet: its partial text if it is still streaming."""
+        state = await self.redis.hget(keys.meta(message_id), "state")
+        if state not in (b"queued", b"running"):
+            return None
+        return StoredAnswer(text=await self.partial_text(message_id), status="streaming")
+
+    async def partial_text(self, message_id: str) -> str:
+        """The text of every chunk in a message's log so far."""
+        frames = await self.read_log(message_id, 0)
+        return "".join(e.text for e in map(server_decoder.decode, frames) if isinstance(e, Chunk))
+
+    async def clear_history(self, user: str, session_id: str) -> None:
+        async with guarded():
+            await self.redis.delete(keys.history(user, session_id), keys.answers(user, session_id))
+
+    # --- worker side --------------------------------------------------------------------
+
+    async def claim(self, message_id: str, worker_id: str, now_ms: int) -> int | None:
+        """Move a queued message to running; its attempt number, or None if not to run."""
+        async with guarded():
+            outcome, attempt = await self._claim(
+                keys=[keys.meta(message_id), keys.QUEUED_COUNTER], args=[worker_id, now_ms]
+            )
+        return int(attempt) if _s(outcome) == "run" else None
+
+    async def takeover(self, message_id: str, dead: str, worker_id: str) -> tuple[int, int] | None:
+        """(attempt, last_seq) once a dead worker's running message is ours; else None."""
+        async with guarded():
+            outcome, attempt, last_seq = await self._takeover(
+                keys=[keys.meta(message_id)], args=[dead, worker_id]
+            )
+        return (int(attempt), int(last_seq)) if _s(outcome) == "run" else None
+
+    async def append_in(
+        self, pipe: Any, message_id: str, worker_id: str, attempt: int, seq: int, frame: str
+    ) -> None:
+        """Queue a fenced chunk write on a pipeline (the worker batches chunks of all jobs)."""
+        await self._append(
+            keys=[keys.meta(message_id), keys.log(message_id)],
+            args=[
+                worker_id,
+                attempt,
+                seq,
+                frame,
+                keys.live_channel(message_id),
+                self.lifetimes.log_maxlen,
+                self.lifetimes.message_ttl_s,
+            ],
+            client=pipe,
+        )
+
+    async def finish(
+        self,
+        message_id: str,
+        worker_id: str,
+        attempt: int,
+        state: Literal["done", "cancelled", "error"],
+        seq: int,
+        frame: str,
+        text: str,
+    ) -> bool:
+        """Write the terminal event (fenced); False if the job is no longer ours."""
+        history_status = {"done": "complete", "cancelled": "cancelled", "error": "error"}[state]
+        grace_status = "cancelled" if state == "cancelled" else "completed"
+        async with guarded():
+            ok = await self._finish(
+                keys=[keys.meta(message_id)],
+                args=[
+                    self._config,
+                    message_id,
+                    worker_id,
+                    attempt,
+                    state,
+                    seq,
+                    frame,
+                    text,
+                    history_status,
+                    grace_status,
+                ],
+            )
+        return bool(ok)
+
+    async def session_turns(self, user: str, session_id: str, before: str) -> list[tuple[str, str, str]]:
+        """(role, text, message_id) of a session's turns before message `before`, oldest first."""
+        turns = await self.history(user, session_id)
+        out: list[tuple[str, str, str]] = []
+        for turn in turns:
+            if turn.message_id == before:
+                break
+            if turn.status in ("complete", "cancelled") and turn.text:
+                out.append((turn.role, turn.text, turn.message_id))
+        return out

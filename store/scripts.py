@@ -1,0 +1,124 @@
+"""Lua scripts: every state change of a message is one atomic step.
+
+A message's `state` in its meta hash moves queued → running → done | cancelled | error, and
+only these scripts move it. Writes from a worker carry (worker, attempt) and are refused
+once the job belongs to someone else (fencing). Key prefixes and lifetimes come in ARGV[1]
+as JSON (see `store.redis_store.Store`), so names stay defined in `store.keys` alone.
+"""
+
+from __future__ import annotations
+
+PRELUDE = r"""
+local C = cjson.decode(ARGV[1])
+
+local function write_terminal(mid, state, seq, frame, text, hist_status, grace_status)
+  local meta = C.meta .. mid
+  local log = C.log .. mid
+  redis.call('XADD', log, 'MAXLEN', '~', C.log_maxlen, (tonumber(seq) + 1) .. '-0', 'f', frame)
+  redis.call('EXPIRE', log, C.ended_ttl)
+  redis.call('HSET', meta, 'state', state, 'last_seq', seq)
+  redis.call('EXPIRE', meta, C.ended_ttl)
+  redis.call('SET', C.grace .. mid, grace_status, 'EX', C.grace_s)
+  redis.call('DEL', C.cancel .. mid)
+  local who = redis.call('HMGET', meta, 'user', 'session_id')
+  local scope = who[1] .. ':' .. who[2]
+  local active = C.active .. scope
+  if redis.call('GET', active) == mid then redis.call('DEL', active) end
+  if redis.call('EXISTS', C.hist .. scope) == 1 then
+    local answers = C.answers .. scope
+    redis.call('HSET', answers, mid, cjson.encode({text = text, status = hist_status}))
+    redis.call('EXPIRE', answers, C.hist_ttl)
+  end
+  redis.call('PUBLISH', C.live .. mid, frame)
+end
+"""
+
+SUBMIT = PRELUDE + r"""
+-- KEYS: meta, active, hist, answers, request ('' key name when no request_id), jobs, attach, queued
+-- ARGV: config, mid, user, session_id, user_turn_json, request_id, job_json, now_ms, supersede
+local mid, user, sid = ARGV[2], ARGV[3], ARGV[4]
+if ARGV[6] ~= '' then
+  local existing = redis.call('GET', KEYS[5])
+  if existing then return {'dup', existing} end
+end
+local prev = redis.call('GET', KEYS[2])
+if prev and prev ~= ARGV[9] then return {'busy', prev} end
+if tonumber(redis.call('GET', KEYS[8]) or '0') >= C.backlog_limit then return {'overloaded', ''} end
+redis.call('HSET', KEYS[1], 'user', user, 'session_id', sid, 'state', 'queued',
+  'attempt', 0, 'last_seq', 0, 'created_ms', ARGV[8], 'request_id', ARGV[6])
+redis.call('EXPIRE', KEYS[1], C.message_ttl)
+redis.call('SET', KEYS[2], mid, 'EX', C.message_ttl)
+redis.call('RPUSH', KEYS[3], ARGV[5])
+redis.call('EXPIRE', KEYS[3], C.hist_ttl)
+while redis.call('LLEN', KEYS[3]) > C.hist_max do
+  local old = cjson.decode(redis.call('LPOP', KEYS[3]))
+  redis.call('HDEL', KEYS[4], old.message_id)
+end
+if ARGV[6] ~= '' then redis.call('SET', KEYS[5], mid, 'EX', C.grace_s) end
+redis.call('SET', KEYS[7], '1', 'PX', C.detach_ms)
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', C.jobs_maxlen, '*', 'j', ARGV[7])
+redis.call('INCR', KEYS[8])
+return {'ok', mid}
+"""
+
+CANCEL = PRELUDE + r"""
+-- KEYS: meta
+-- ARGV: config, mid, user, reason, cancelled_frame (seq 0, used if still queued)
+local mid = ARGV[2]
+if redis.call('HGET', KEYS[1], 'user') ~= ARGV[3] then return 'not_found' end
+local grace = redis.call('GET', C.grace .. mid)
+if grace then return 'already_' .. grace end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'queued' then
+  write_terminal(mid, 'cancelled', 0, ARGV[5], '', 'cancelled', 'cancelled')
+  redis.call('HSET', KEYS[1], 'cancel_reason', ARGV[4])
+  redis.call('DECR', C.queued)
+  return 'cancelling'
+elseif state == 'running' then
+  if redis.call('SET', C.cancel .. mid, ARGV[4], 'NX', 'EX', C.message_ttl) then
+    redis.call('PUBLISH', C.cancels, mid)
+  end
+  return 'cancelling'
+end
+return 'not_found'
+"""
+
+CLAIM = r"""
+-- KEYS: meta, queued; ARGV: worker, now_ms
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {'gone', 0} end
+if state ~= 'queued' then return {'skip', 0} end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[1], 'claimed_ms', ARGV[2])
+redis.call('DECR', KEYS[2])
+return {'run', attempt}
+"""
+
+TAKEOVER = r"""
+-- A dead worker's running job moves to this worker. KEYS: meta; ARGV: dead worker, new worker
+local m = redis.call('HMGET', KEYS[1], 'state', 'worker', 'last_seq')
+if m[1] ~= 'running' or m[2] ~= ARGV[1] then return {'skip', 0, 0} end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HSET', KEYS[1], 'worker', ARGV[2])
+return {'run', attempt, tonumber(m[3])}
+"""
+
+APPEND = r"""
+-- KEYS: meta, log; ARGV: worker, attempt, seq, frame, live channel, log maxlen, message ttl
+local m = redis.call('HMGET', KEYS[1], 'worker', 'attempt', 'state')
+if m[1] ~= ARGV[1] or m[2] ~= ARGV[2] or m[3] ~= 'running' then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], ARGV[3] .. '-0', 'f', ARGV[4])
+if ARGV[3] == '1' then redis.call('EXPIRE', KEYS[2], ARGV[7]) end
+redis.call('HSET', KEYS[1], 'last_seq', ARGV[3])
+redis.call('PUBLISH', ARGV[5], ARGV[4])
+return 1
+"""
+
+FINISH = PRELUDE + r"""
+-- KEYS: meta
+-- ARGV: config, mid, worker, attempt, state, seq, frame, text, history status, grace status
+local m = redis.call('HMGET', KEYS[1], 'worker', 'attempt', 'state')
+if m[1] ~= ARGV[3] or m[2] ~= ARGV[4] or m[3] ~= 'running' then return 0 end
+write_terminal(ARGV[2], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10])
+return 1
+"""

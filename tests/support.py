@@ -1,0 +1,275 @@
+"""Test support: a real WebSocket client, in-process and multi-process clusters.
+
+Timeouts scale with TOKENRELAY_TEST_TIMEOUT_SCALE (slow CI machines)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+
+from gateway.server import Gateway, GatewayConfig
+from store.embedded import free_port
+from worker.engines.base import Engine
+from worker.engines.synthetic import SyntheticEngine
+from worker.runner import Worker, WorkerConfig
+
+SCALE = float(os.environ.get("TOKENRELAY_TEST_TIMEOUT_SCALE", "1"))
+TERMINALS = ("done", "cancelled", "error")
+
+
+def is_stream_event(frame: dict[str, Any]) -> bool:
+    """A chunk or terminal event of some message (an error without message_id is not)."""
+    return frame["type"] in ("chunk",) + TERMINALS and "message_id" in frame
+
+
+def t(seconds: float) -> float:
+    return seconds * SCALE
+
+
+class Client:
+    """A WebSocket client that reads every frame into per-message logs."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.frames: list[dict[str, Any]] = []
+        self._new = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        with contextlib.suppress(Exception):
+            async for raw in self.ws:
+                self.frames.append(json.loads(raw))
+                self._new.set()
+        self._new.set()
+
+    async def send(self, **message: Any) -> None:
+        await self.ws.send(json.dumps(message))
+
+    async def wait_for(self, predicate: Any, timeout: float = 10.0, start: int = 0) -> dict[str, Any]:
+        """The first frame (from index `start`) matching `predicate`."""
+        index = start
+        async with asyncio.timeout(t(timeout)):
+            while True:
+                while index < len(self.frames):
+                    frame = self.frames[index]
+                    index += 1
+                    if predicate(frame):
+                        return frame
+                if self._reader.done():
+                    raise ConnectionError(f"connection closed: {self.ws.close_code} {self.ws.close_reason}")
+                self._new.clear()
+                await self._new.wait()
+
+    async def request(self, timeout: float = 10.0, **message: Any) -> dict[str, Any]:
+        """Send and wait for the next frame that is not a chunk/terminal of a stream."""
+        start = len(self.frames)
+        await self.send(**message)
+        return await self.wait_for(lambda f: not is_stream_event(f), timeout, start)
+
+    async def chat(self, session_id: str, text: str = "hello", **extra: Any) -> str:
+        start = len(self.frames)
+        await self.send(type="chat", session_id=session_id, text=text, **extra)
+        frame = await self.wait_for(lambda f: f["type"] in ("accepted", "error"), 10, start)
+        assert frame["type"] == "accepted", frame
+        return str(frame["message_id"])
+
+    async def terminal(self, message_id: str, timeout: float = 20.0) -> dict[str, Any]:
+        return await self.wait_for(
+            lambda f: f["type"] in TERMINALS and f.get("message_id") == message_id, timeout
+        )
+
+    def events(self, message_id: str) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f.get("message_id") == message_id and f["type"] in ("chunk",) + TERMINALS]
+
+    def chunks(self, message_id: str) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f["type"] == "chunk" and f["message_id"] == message_id]
+
+    def text(self, message_id: str) -> str:
+        return "".join(c["text"] for c in self.chunks(message_id))
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def client(port: int, user: str | None = None, **kw: Any) -> AsyncIterator[Client]:
+    ws = await connect(f"ws://127.0.0.1:{port}/ws", **kw)
+    c = Client(ws)
+    try:
+        if user is not None:
+            reply = await c.request(type="auth", user=user)
+            assert reply == {"type": "auth_ok", "user": user}, reply
+        yield c
+    finally:
+        await c.close()
+
+
+def assert_stream_ok(c: Client, message_id: str, after_seq: int = 0) -> dict[str, Any]:
+    """Contiguous seq from after_seq+1, then exactly one terminal whose seq is the last one."""
+    events = c.events(message_id)
+    terminals = [e for e in events if e["type"] in TERMINALS]
+    assert len(terminals) == 1, events[-3:]
+    assert events[-1] is terminals[0]
+    seqs = [e["seq"] for e in events if e["type"] == "chunk"]
+    assert seqs == list(range(after_seq + 1, after_seq + 1 + len(seqs))), seqs
+    assert terminals[0]["seq"] == (seqs[-1] if seqs else after_seq) or terminals[0]["type"] == "error"
+    return terminals[0]
+
+
+@contextlib.asynccontextmanager
+async def gateway(redis_url: str, **overrides: Any) -> AsyncIterator[Gateway]:
+    gw = Gateway(GatewayConfig(redis_url=redis_url, port=0, **overrides))
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(gw.run(stop, ready))
+    await asyncio.wait([task, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED, timeout=t(10))
+    if task.done():
+        task.result()
+    try:
+        yield gw
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, t(15))
+
+
+@contextlib.asynccontextmanager
+async def worker(redis_url: str, engines: Iterable[Engine] | None = None, **overrides: Any) -> AsyncIterator[Worker]:
+    engine_list = list(engines) if engines is not None else [SyntheticEngine(rate=200.0)] * 50
+    w = Worker(WorkerConfig(redis_url=redis_url, concurrency=len(engine_list), **overrides), engine_list)
+    stop = asyncio.Event()
+    task = asyncio.create_task(w.run(stop))
+    try:
+        yield w
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, t(30))
+
+
+# --- processes ---------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Proc:
+    kind: str
+    args: list[str]
+    log_path: Path
+    port: int | None = None
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        log = self.log_path.open("ab")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", self.kind, *self.args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+    def signal(self, sig: int) -> None:
+        assert self.popen is not None
+        self.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.popen is None or self.popen.poll() is not None:
+            return self.popen.returncode if self.popen else None
+        self.popen.send_signal(signal.SIGCONT)
+        self.popen.terminate()
+        try:
+            return self.popen.wait(t(timeout))
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait()
+
+
+@dataclass
+class ProcessCluster:
+    """Gateways and workers as real processes, as an operator would run them."""
+
+    redis_url: str
+    tmp: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ, REDIS_URL=self.redis_url, PYTHONUNBUFFERED="1", LOG_LEVEL="info")
+        return env
+
+    def add_gateway(self, *extra: str) -> Proc:
+        port = free_port()
+        proc = Proc("gateway", ["--host", "127.0.0.1", "--port", str(port), *extra],
+                    self.tmp / f"gateway-{len(self.procs)}.log", port)
+        proc.start(self.env())
+        self.procs.append(proc)
+        return proc
+
+    def add_worker(self, *extra: str) -> Proc:
+        args = list(extra) or ["--engine", "synthetic", "--synthetic-rate", "200"]
+        proc = Proc("worker", args, self.tmp / f"worker-{len(self.procs)}.log")
+        proc.start(self.env())
+        self.procs.append(proc)
+        return proc
+
+    @property
+    def gateways(self) -> list[Proc]:
+        return [p for p in self.procs if p.kind == "gateway"]
+
+    @property
+    def workers(self) -> list[Proc]:
+        return [p for p in self.procs if p.kind == "worker"]
+
+    async def wait_healthy(self, timeout: float = 20.0) -> None:
+        import redis.asyncio as aioredis
+
+        from store import keys
+
+        async with asyncio.timeout(t(timeout)):
+            for proc in self.gateways:
+                while not await http_ok(proc.port or 0, "/healthz"):
+                    await asyncio.sleep(0.05)
+            r = aioredis.Redis.from_url(self.redis_url)
+            try:
+                while len(await r.keys(keys.INSTANCE_PREFIX + "worker:*")) < len(self.workers):
+                    await asyncio.sleep(0.05)
+            finally:
+                await r.aclose()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.log_path.name}\n{p.log_path.read_text()[-3000:]}" for p in self.procs)
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        data = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = data.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def http_ok(port: int, path: str) -> bool:
+    try:
+        status, _ = await http_get(port, path)
+    except OSError:
+        return False
+    return status == 200
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,75 @@
+"""`python -m worker --redis-url URL [--engine llama|synthetic] [--model PATH] [--concurrency N]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+
+import uvloop
+
+from protocol.logconfig import configure_logging
+from store.embedded import default_redis_url
+from worker.engines.base import Engine
+from worker.runner import Worker, WorkerConfig
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m worker", description="tokenrelay generation worker")
+    parser.add_argument("--redis-url", default=default_redis_url(), help="default: $REDIS_URL, else the embedded Redis")
+    parser.add_argument("--engine", choices=["llama", "synthetic"], default=os.environ.get("TOKENRELAY_ENGINE", "llama"))
+    parser.add_argument("--model", default=None, help="GGUF file (default: the built-in model)")
+    parser.add_argument("--concurrency", type=int, default=None, help="jobs at once (llama: 1, synthetic: 200)")
+    parser.add_argument("--synthetic-rate", type=float, default=20.0, help="tokens per second (0: as fast as possible)")
+    parser.add_argument("--n-ctx", type=int, default=2048)
+    parser.add_argument("--n-threads", type=int, default=None)
+    parser.add_argument("--n-gpu-layers", type=int, default=0)
+    parser.add_argument("--drain-timeout", type=float, default=20.0, help="seconds running jobs get on SIGTERM")
+    parser.add_argument("--orphan-check", type=float, default=1.0, help="seconds between orphan checks")
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"))
+    return parser.parse_args(argv)
+
+
+def build_engines(args: argparse.Namespace) -> list[Engine]:
+    if args.engine == "synthetic":
+        from worker.engines.synthetic import SyntheticEngine
+
+        engine = SyntheticEngine(rate=args.synthetic_rate)
+        return [engine] * (args.concurrency or 200)
+    from worker.engines.llama import LlamaEngine
+
+    return [
+        LlamaEngine(model_path=args.model, n_ctx=args.n_ctx, n_threads=args.n_threads, n_gpu_layers=args.n_gpu_layers)
+        for _ in range(args.concurrency or 1)
+    ]
+
+
+async def serve(args: argparse.Namespace) -> None:
+    engines = build_engines(args)
+    config = WorkerConfig(
+        redis_url=args.redis_url,
+        concurrency=len(engines),
+        drain_timeout_s=args.drain_timeout,
+        orphan_check_s=args.orphan_check,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await Worker(config, engines).run(stop)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure_logging(args.log_level, process="worker")
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr="127.0.0.1")
+    uvloop.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Generation engines: `synthetic` (deterministic, for load tests) and `llama` (llama.cpp)."""

@@ -1,0 +1,424 @@
+"""The llama.cpp engine (llama-cpp-python), by default on the tiny built-in model.
+
+All model work runs on one dedicated thread per engine, so one engine instance runs one
+generation at a time (a second `generate` waits for the first). The thread hands each
+item to the event loop with `call_soon_threadsafe` on an `asyncio.Queue`, checks the
+cancel token after every token, and llama.cpp's abort callback reads the same token
+while a batch is evaluated, so a cancel during a long prompt stops the prefill as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import ctypes
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import llama_cpp
+import numpy as np
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from worker.cancel_token import CancelToken, Phase
+from worker.engines.base import Finish, GenerationRequest, Turn
+from worker.model import ensure_builtin_model
+
+_BANNED_ATTRS = (
+    llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+    | llama_cpp.LLAMA_TOKEN_ATTR_UNUSED
+    | llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+    | llama_cpp.LLAMA_TOKEN_ATTR_BYTE
+)
+_ABORTED = "llama_decode returned 2"  # llama.cpp: 2 = aborted by the abort callback
+
+_log = logging.getLogger("tokenrelay.llama_cpp")
+_GGML_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # DEBUG, INFO, CONT: DEBUG
+_thread_state = threading.local()
+
+
+def _on_llama_log(level: int, text: bytes, _user_data: object) -> None:
+    """llama.cpp log lines → `logging`.
+
+    llama-cpp-python's own hook maps an older ggml level enum and prints warnings to
+    stderr even with verbose=False. Lines logged while this thread aborts a decode for
+    a cancel (llama.cpp notes that it drops the aborted batch) are expected: DEBUG.
+    """
+    py_level = _GGML_LOG_LEVELS.get(level, logging.DEBUG)
+    if getattr(_thread_state, "aborting", False):
+        py_level = logging.DEBUG
+    if _log.isEnabledFor(py_level):
+        _log.log(py_level, "%s", text.decode("utf-8", errors="replace").rstrip())
+
+
+_LOG_CALLBACK = llama_cpp.llama_log_callback(_on_llama_log)
+
+
+@dataclass(slots=True)
+class GenerationStats:
+    """What one job did; the generation thread fills it in as it goes."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    history_dropped: int = 0
+    text_truncated: bool = False
+    prefill_aborted: bool = False
+    finish: str = ""
+    """"stop", "length", "cancelled" or "error" once the job is over."""
+    idle_at: float | None = None
+    """`time.monotonic()` when the thread stopped touching the model for this job."""
+
+
+class _Done:
+    """Sentinel: the thread has finished with the job."""
+
+
+_Item = str | Finish | Exception | _Done
+
+
+@dataclass(slots=True)
+class _Job:
+    request: GenerationRequest
+    token: CancelToken
+    emit: Callable[[_Item], None]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    abandoned: bool = False
+    """Set when the consumer stops iterating early (or the engine closes)."""
+
+    @property
+    def stopped(self) -> bool:
+        return self.token.cancelled or self.abandoned
+
+
+class LlamaEngine:
+    name = "llama"
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str] | None = None,
+        *,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        seed: int = 0,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        n_batch: int = 512,
+        n_ubatch: int = 128,
+    ) -> None:
+        self._model_path = Path(model_path) if model_path is not None else None
+        self.n_ctx = n_ctx
+        self._n_threads = n_threads
+        self._n_gpu_layers = n_gpu_layers
+        self._seed = seed
+        self._sampling = (temperature, top_k, top_p, min_p)
+        self._n_batch = n_batch
+        self._n_ubatch = n_ubatch
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-gen")
+        self._llm: llama_cpp.Llama | None = None
+        self._vocab: Any = None
+        self._formatter: Jinja2ChatFormatter | None = None
+        self._bias: Any = None  # ctypes array of llama_logit_bias
+        self._abort_cb: Any = None  # keeps the ctypes callback alive
+        self._active: _Job | None = None
+        self.last_stats: GenerationStats | None = None
+        """Stats of the latest job (live while it runs)."""
+
+    # lifecycle
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._load)
+
+    async def close(self) -> None:
+        if self._active is not None:
+            self._active.abandoned = True
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._free)
+        self._executor.shutdown(wait=False)
+
+    def _load(self) -> None:
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+        path = self._model_path or ensure_builtin_model()
+        llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=self.n_ctx,
+            n_batch=self._n_batch,
+            n_ubatch=self._n_ubatch,
+            n_threads=self._n_threads,
+            n_threads_batch=self._n_threads,
+            n_gpu_layers=self._n_gpu_layers,
+            seed=self._seed,
+            verbose=False,
+        )
+        self._llm = llm
+        self.n_ctx = llm.n_ctx()
+        self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        self._abort_cb = llama_cpp.ggml_abort_callback(self._should_abort)
+        llama_cpp.llama_set_abort_callback(llm.ctx, self._abort_cb, None)
+        self._bias = self._banned_token_bias()
+        template = llm.metadata.get("tokenizer.chat_template")
+        if template:
+            self._formatter = Jinja2ChatFormatter(
+                template=template,
+                eos_token=self._token_text(llm.token_eos()),
+                bos_token=self._token_text(llm.token_bos()),
+            )
+
+    def _free(self) -> None:
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
+        self._abort_cb = None
+
+    def _banned_token_bias(self) -> Any:
+        """-inf bias for byte-fallback and control tokens, except end-of-generation ones."""
+        banned = [
+            tok
+            for tok in range(llama_cpp.llama_vocab_n_tokens(self._vocab))
+            if llama_cpp.llama_vocab_get_attr(self._vocab, tok) & _BANNED_ATTRS
+            and not llama_cpp.llama_vocab_is_eog(self._vocab, tok)
+        ]
+        array = (llama_cpp.llama_logit_bias * len(banned))()
+        for slot, tok in zip(array, banned):
+            slot.token = tok
+            slot.bias = float("-inf")
+        return array
+
+    def _token_text(self, tok: int) -> str:
+        if tok < 0:
+            return ""
+        return bytes(llama_cpp.llama_vocab_get_text(self._vocab, tok)).decode("utf-8")
+
+    def _should_abort(self, _data: object) -> bool:
+        """llama.cpp's abort callback: called between graph nodes during a decode."""
+        job = self._active
+        if job is None or not job.stopped:
+            return False
+        _thread_state.aborting = True  # llama.cpp calls this on the thread that decodes
+        return True
+
+    # prompt
+
+    def format_prompt(self, history: Sequence[Turn], text: str) -> str:
+        """The prompt text: the model's chat template, else a plain User/Assistant form."""
+        messages: list[dict[str, str]] = [{"role": t.role, "content": t.text} for t in history]
+        messages.append({"role": "user", "content": text})
+        if self._formatter is not None:
+            return self._formatter(messages=messages).prompt  # type: ignore[arg-type]
+        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+        return "\n".join(lines) + "\nAssistant:"
+
+    def _tokenize_prompt(self, history: Sequence[Turn], text: str) -> list[int]:
+        llm = self._require_llm()
+        prompt = self.format_prompt(history, text)
+        tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        bos = llm.token_bos()
+        wants_bos = bos >= 0 and llama_cpp.llama_vocab_get_add_bos(self._vocab)
+        if wants_bos and (not tokens or tokens[0] != bos):
+            tokens.insert(0, bos)
+        return tokens
+
+    def _fit_prompt(self, request: GenerationRequest, stats: GenerationStats) -> list[int]:
+        """Drop the oldest turns, then the start of the text, until the prompt fits.
+
+        The prompt gets `n_ctx - max_tokens` tokens, but never less than a quarter of the
+        context; generation also ends with "length" when the context is full.
+        """
+        llm = self._require_llm()
+        budget = max(self.n_ctx - request.max_tokens, self.n_ctx // 4)
+        history = list(request.history)
+        while True:
+            tokens = self._tokenize_prompt(history, request.text)
+            if len(tokens) <= budget or not history:
+                break
+            history.pop(0)
+            stats.history_dropped += 1
+        text = request.text
+        text_tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        cut = 0
+        while len(tokens) > budget and cut < len(text_tokens):
+            stats.text_truncated = True
+            cut = min(len(text_tokens), cut + len(tokens) - budget)
+            text = self._detokenize(text_tokens[cut:]).lstrip()
+            tokens = self._tokenize_prompt(history, text)
+        return tokens[-budget:]
+
+    def _detokenize(self, tokens: list[int]) -> str:
+        """One C call (llama-cpp-python's `detokenize` loops in Python, per token)."""
+        array = (llama_cpp.llama_token * len(tokens))(*tokens)
+        size = 8 * len(tokens) + 16
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_detokenize(
+                self._vocab, array, len(tokens), buf, size, False, False
+            )
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="ignore")
+            size = -n
+        raise RuntimeError(f"llama_detokenize needs {size} bytes for {len(tokens)} tokens")
+
+    # generation (async side)
+
+    async def generate(
+        self, request: GenerationRequest, token: CancelToken
+    ) -> AsyncGenerator[str | Finish, None]:
+        self._require_llm()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[_Item] = asyncio.Queue()
+
+        def emit(item: _Item) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        job = _Job(request, token, emit)
+        self.last_stats = job.stats
+        future = loop.run_in_executor(self._executor, self._run_job, job)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, _Done):
+                    break
+                if isinstance(item, Exception):
+                    raise item
+                if token.cancelled:
+                    continue  # the thread is stopping; nothing is yielded after a cancel
+                yield item
+        finally:
+            job.abandoned = True
+            await future
+
+    # generation (thread side)
+
+    def _run_job(self, job: _Job) -> None:
+        self._active = job
+        try:
+            self._generate_sync(job)
+        except Exception as exc:  # handed to the consumer, which re-raises it
+            job.stats.finish = "error"
+            job.emit(exc)
+        finally:
+            self._active = None
+            job.stats.idle_at = time.monotonic()
+            if not job.stats.finish:
+                job.stats.finish = "cancelled"
+            job.token.set_phase(Phase.FINISHED)
+            job.emit(_Done())
+
+    def _generate_sync(self, job: _Job) -> None:
+        if job.stopped:  # cancelled while it waited for the previous job
+            return
+        tokens = self._fit_prompt(job.request, job.stats)
+        job.stats.prompt_tokens = len(tokens)
+        if job.stopped:
+            return
+        job.token.set_phase(Phase.PROMPT)
+        if not self._eval(job, self._reuse_prefix(tokens)):
+            return
+        job.token.set_phase(Phase.GENERATING)
+        sampler = self._new_sampler()
+        try:
+            self._decode_loop(job, sampler)
+        finally:
+            llama_cpp.llama_sampler_free(sampler)
+
+    def _decode_loop(self, job: _Job, sampler: Any) -> None:
+        llm = self._require_llm()
+        stats = job.stats
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        started = False  # strip the leading space of the reply
+        buf = ctypes.create_string_buffer(256)
+        while True:
+            if job.stopped:
+                return
+            if stats.generated_tokens >= job.request.max_tokens or llm.n_tokens >= self.n_ctx:
+                self._finish(job, "length", decoder.decode(b"", final=True))
+                return
+            tok = llama_cpp.llama_sampler_sample(sampler, llm.ctx, -1)
+            if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
+                self._finish(job, "stop", decoder.decode(b"", final=True))
+                return
+            stats.generated_tokens += 1
+            size = llama_cpp.llama_token_to_piece(self._vocab, tok, buf, len(buf), 0, False)
+            if size < 0:
+                raise RuntimeError(f"token {tok} piece longer than {len(buf)} bytes")
+            piece = decoder.decode(buf.raw[:size])
+            if not started:
+                piece = piece.lstrip(" ")
+                started = bool(piece)
+            if piece:
+                job.emit(piece)
+            if stats.generated_tokens < job.request.max_tokens and not job.stopped:
+                if not self._eval(job, [tok]):
+                    return
+
+    def _finish(self, job: _Job, reason: Literal["stop", "length"], tail: str) -> None:
+        if tail:
+            job.emit(tail)
+        job.stats.finish = reason
+        job.emit(Finish(reason))
+
+    def _reuse_prefix(self, tokens: list[int]) -> list[int]:
+        """Keep the KV cache for the prefix shared with the previous job; return the rest."""
+        llm = self._require_llm()
+        limit = max(0, min(llm.n_tokens, len(tokens) - 1))  # evaluate one token at least
+        differs = np.flatnonzero(llm.input_ids[:limit] != np.asarray(tokens[:limit]))
+        keep = int(differs[0]) if differs.size else limit
+        memory = llama_cpp.llama_get_memory(llm.ctx)
+        if keep and not llama_cpp.llama_memory_seq_rm(memory, -1, keep, -1):
+            keep = 0
+        if not keep:
+            self._reset_context()
+        llm.n_tokens = keep
+        return tokens[keep:]
+
+    def _reset_context(self) -> None:
+        llm = self._require_llm()
+        llm.n_tokens = 0
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+
+    def _eval(self, job: _Job, tokens: list[int]) -> bool:
+        """Evaluate `tokens`; False when the abort callback stopped it for a cancel."""
+        try:
+            self._require_llm().eval(tokens)
+        except RuntimeError as exc:
+            if not (job.stopped and str(exc) == _ABORTED):
+                raise
+            if job.token.phase is Phase.PROMPT:
+                job.stats.prefill_aborted = True
+            self._reset_context()  # the aborted batch may have left partial state behind
+            return False
+        finally:
+            _thread_state.aborting = False
+        return True
+
+    def _new_sampler(self) -> Any:
+        temperature, top_k, top_p, min_p = self._sampling
+        chain = llama_cpp.llama_sampler_chain_init(
+            llama_cpp.llama_sampler_chain_default_params()
+        )
+        stages = [
+            llama_cpp.llama_sampler_init_logit_bias(
+                llama_cpp.llama_vocab_n_tokens(self._vocab), len(self._bias), self._bias
+            ),
+            llama_cpp.llama_sampler_init_top_k(top_k),
+            llama_cpp.llama_sampler_init_top_p(top_p, 1),
+            llama_cpp.llama_sampler_init_min_p(min_p, 1),
+            llama_cpp.llama_sampler_init_temp(temperature),
+            llama_cpp.llama_sampler_init_dist(self._seed),
+        ]
+        for stage in stages:
+            llama_cpp.llama_sampler_chain_add(chain, stage)
+        return chain
+
+    def _require_llm(self) -> llama_cpp.Llama:
+        if self._llm is None:
+            raise RuntimeError("LlamaEngine is not started (or already closed)")
+        return self._llm

@@ -1,0 +1,178 @@
+"""One generation: engine tokens → coalesced chunks → fenced log writes → one terminal event."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Literal
+
+import structlog
+
+from protocol.coalesce import Coalescer
+from protocol.jobs import Job
+from protocol.messages import Cancelled, Chunk, Done, Error, Terminal, encode_text
+from store import Unavailable
+from store.redis_store import Store
+from worker import metrics
+from worker.cancel_token import CancelToken
+from worker.engines.base import Engine, Finish, GenerationRequest, Turn
+from worker.writer import ChunkWriter
+
+log = structlog.get_logger("worker.job")
+
+
+@dataclass(slots=True)
+class Running:
+    """A job this worker is generating."""
+
+    job: Job
+    attempt: int
+    token: CancelToken = field(default_factory=CancelToken)
+    lost: bool = False
+    """Set when a fenced write was refused: another worker owns the job now."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobServices:
+    store: Store
+    writer: ChunkWriter
+    engine: Engine
+    worker_id: str
+    coalesce_window_s: float = 0.005
+    with_history: bool = False
+
+
+Outcome = Literal["done", "cancelled", "error", "lost"]
+_STATE_OF: dict[type, Literal["done", "cancelled", "error"]] = {
+    Done: "done",
+    Cancelled: "cancelled",
+    Error: "error",
+}
+
+
+async def run_job(services: JobServices, running: Running, start_seq: int = 0) -> Outcome:
+    job, token = running.job, running.token
+    structlog.contextvars.bind_contextvars(message_id=job.message_id, session_id=job.session_id)
+    loop = asyncio.get_running_loop()
+    history: list[Turn] = []
+    if services.with_history:
+        history = [
+            Turn(role, text)  # type: ignore[arg-type]
+            for role, text, _mid in await services.store.session_turns(
+                job.user, job.session_id, before=job.message_id
+            )
+        ]
+    request = GenerationRequest(job.message_id, job.text, job.max_tokens, history)
+    coalescer = Coalescer(window_s=services.coalesce_window_s)
+    seq = start_seq
+    text: list[str] = []
+    last_write: asyncio.Future[bool] | None = None
+    timer: asyncio.TimerHandle | None = None
+    after_cancel = 0
+
+    def on_written(fut: asyncio.Future[bool]) -> None:
+        if fut.cancelled():
+            return
+        if fut.exception() is not None or not fut.result():
+            running.lost = True
+            token.cancel("fenced")
+
+    def emit(chunk: str | None) -> None:
+        nonlocal seq, last_write
+        if chunk is None:
+            return
+        seq += 1
+        frame = encode_text(Chunk(message_id=job.message_id, seq=seq, text=chunk))
+        last_write = services.writer.append(job.message_id, running.attempt, seq, frame)
+        last_write.add_done_callback(on_written)
+
+    def on_deadline() -> None:
+        nonlocal timer
+        timer = None
+        emit(coalescer.due(loop.time()))
+        arm()
+
+    def arm() -> None:
+        nonlocal timer
+        deadline = coalescer.deadline()
+        if deadline is not None and timer is None:
+            timer = loop.call_at(deadline, on_deadline)
+
+    finish: Finish | None = None
+    failure: str | None = None
+    try:
+        async for item in services.engine.generate(request, token):
+            if isinstance(item, Finish):
+                finish = item
+                break
+            if token.cancelled:
+                after_cancel += 1
+            text.append(item)
+            emit(coalescer.add(item, loop.time()))
+            arm()
+    except Exception as exc:  # an engine failure ends this message, not the worker
+        log.exception("engine_failed")
+        failure = f"generation failed: {type(exc).__name__}"
+    finally:
+        if timer is not None:
+            timer.cancel()
+    emit(coalescer.take(loop.time()))
+    if last_write is not None:
+        await asyncio.wait([last_write])
+    if token.cancelled:
+        metrics.TOKENS_AFTER_CANCEL.observe(after_cancel)
+    if running.lost:
+        log.warning("job_lost", attempt=running.attempt)
+        return "lost"
+    terminal: Terminal
+    if failure is not None:
+        terminal = Error(code="internal", message=failure, message_id=job.message_id, seq=seq)
+    elif token.cancelled:
+        terminal = Cancelled(message_id=job.message_id, seq=seq)
+    elif finish is not None:
+        terminal = Done(message_id=job.message_id, seq=seq, finish_reason=finish.reason)
+    else:
+        terminal = Error(
+            code="internal", message="engine ended without finishing", message_id=job.message_id, seq=seq
+        )
+    state = _STATE_OF[type(terminal)]
+    finished = await finish_with_retry(
+        services.store, services.worker_id, job.message_id, running.attempt,
+        state, seq, encode_text(terminal), "".join(text),
+    )
+    if not finished:
+        running.lost = True
+        return "lost"
+    log.info(
+        "job_finished",
+        outcome=state,
+        seq=seq,
+        attempt=running.attempt,
+        cancel_reason=token.reason or None,
+        cancel_phase=token.phase_at_cancel.value if token.phase_at_cancel else None,
+        tokens_after_cancel=after_cancel if token.cancelled else None,
+    )
+    return state
+
+
+async def finish_with_retry(
+    store: Store,
+    worker_id: str,
+    message_id: str,
+    attempt: int,
+    state: Literal["done", "cancelled", "error"],
+    seq: int,
+    frame: str,
+    text: str,
+) -> bool:
+    """The terminal event must land: retry with backoff while Redis is unreachable.
+
+    False when the job is no longer ours (fenced)."""
+    backoff = 0.05
+    while True:
+        try:
+            return await store.finish(message_id, worker_id, attempt, state, seq, frame, text)
+        except Unavailable as exc:
+            log.warning("finish_retry", error=str(exc), backoff_s=backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)

@@ -1,0 +1,88 @@
+"""Batches chunk writes of all jobs of a worker into pipelines.
+
+While one pipeline is in flight, new chunks wait; when it returns, they all leave in the
+next one. At low load each chunk leaves at once; at high load one round trip carries many
+chunks. Order per message is kept (FIFO, one pipeline at a time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import structlog
+
+from store import Unavailable
+from store.redis_store import CONNECTION_ERRORS, Store
+from store.tasks import spawn
+
+log = structlog.get_logger("worker.writer")
+
+
+@dataclass(slots=True)
+class _Append:
+    message_id: str
+    attempt: int
+    seq: int
+    frame: str
+    done: asyncio.Future[bool]
+
+
+class ChunkWriter:
+    def __init__(self, store: Store, worker_id: str, max_batch: int = 512) -> None:
+        self._store = store
+        self._worker_id = worker_id
+        self._max_batch = max_batch
+        self._queue: list[_Append] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = spawn(self._run(), "chunk-writer")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for item in self._queue:
+            if not item.done.done():
+                item.done.set_exception(Unavailable("worker shutting down"))
+
+    def append(self, message_id: str, attempt: int, seq: int, frame: str) -> asyncio.Future[bool]:
+        """Queue a fenced chunk write; the future says whether the job was still ours."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Append(message_id, attempt, seq, frame, done))
+        self._wake.set()
+        return done
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+                await self._write(batch)
+
+    async def _write(self, batch: list[_Append]) -> None:
+        """Write a batch; while Redis is unreachable, retry with backoff (order is kept)."""
+        backoff = 0.05
+        while True:
+            try:
+                async with self._store.redis.pipeline(transaction=False) as pipe:
+                    for item in batch:
+                        await self._store.append_in(
+                            pipe, item.message_id, self._worker_id, item.attempt, item.seq, item.frame
+                        )
+                    results = await pipe.execute(raise_on_error=False)
+                break
+            except CONNECTION_ERRORS as exc:
+                log.warning("chunk_write_retry", error=str(exc), chunks=len(batch), backoff_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+        for item, result in zip(batch, results):
+            if item.done.done():
+                continue
+            if isinstance(result, Exception):
+                item.done.set_exception(result)
+            else:
+                item.done.set_result(bool(result))
