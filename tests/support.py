@@ -45,6 +45,7 @@ class Client:
         self.ws = ws
         self.frames: list[dict[str, Any]] = []
         self._new = asyncio.Event()
+        self._cancels_sent = 0
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -77,6 +78,22 @@ class Client:
         start = len(self.frames)
         await self.send(**message)
         return await self.wait_for(lambda f: not is_stream_event(f), timeout, start)
+
+    async def cancel(self, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
+        """Send `cancel`; its reply is the n-th `cancel_result` for the n-th cancel sent
+        (a connection's requests are answered in order), so concurrent cancels pair up."""
+        ordinal = self._cancels_sent
+        self._cancels_sent += 1
+        await self.send(type="cancel", **fields)
+        async with asyncio.timeout(t(timeout)):
+            while True:
+                results = [f for f in self.frames if f["type"] == "cancel_result"]
+                if len(results) > ordinal:
+                    return results[ordinal]
+                if self._reader.done():
+                    raise ConnectionError(f"connection closed: {self.ws.close_code}")
+                self._new.clear()
+                await self._new.wait()
 
     async def chat(self, session_id: str, text: str = "hello", **extra: Any) -> str:
         start = len(self.frames)
@@ -171,10 +188,10 @@ class Proc:
     popen: subprocess.Popen[bytes] | None = None
 
     def start(self, env: dict[str, str]) -> None:
-        log = self.log_path.open("ab")
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", self.kind, *self.args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
+        with self.log_path.open("ab") as log:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", self.kind, *self.args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
 
     def signal(self, sig: int) -> None:
         assert self.popen is not None

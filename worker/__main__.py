@@ -11,6 +11,7 @@ import uvloop
 
 from protocol.logconfig import configure_logging
 from store.embedded import default_redis_url
+from store.settings import Lifetimes
 from worker.engines.base import Engine
 from worker.runner import Worker, WorkerConfig
 
@@ -25,8 +26,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--n-threads", type=int, default=None)
     parser.add_argument("--n-gpu-layers", type=int, default=0)
+    parser.add_argument("--grace", type=int, default=30, help="completed-message grace window, seconds")
     parser.add_argument("--drain-timeout", type=float, default=20.0, help="seconds running jobs get on SIGTERM")
     parser.add_argument("--orphan-check", type=float, default=1.0, help="seconds between orphan checks")
+    parser.add_argument(
+        "--cancel-mode",
+        choices=["push", "poll"],
+        default="push",
+        help="push (default): pub/sub, no Redis call per token; poll: benchmark baseline, "
+        "check the cancel key every 10 chunks",
+    )
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"))
     return parser.parse_args(argv)
@@ -53,6 +62,8 @@ async def serve(args: argparse.Namespace) -> None:
         concurrency=len(engines),
         drain_timeout_s=args.drain_timeout,
         orphan_check_s=args.orphan_check,
+        poll_every_chunks=10 if args.cancel_mode == "poll" else 0,
+        lifetimes=Lifetimes(grace_s=args.grace),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -11,7 +11,7 @@ import structlog
 from protocol.coalesce import Coalescer
 from protocol.jobs import Job
 from protocol.messages import Cancelled, Chunk, Done, Error, Terminal, encode_text
-from store import Unavailable
+from store import Unavailable, keys
 from store.redis_store import Store
 from worker import metrics
 from worker.cancel_token import CancelToken
@@ -40,6 +40,9 @@ class JobServices:
     worker_id: str
     coalesce_window_s: float = 0.005
     with_history: bool = False
+    poll_every_chunks: int = 0
+    """Baseline for benchmarks only: check the cancel key every N chunks (the usual fix),
+    instead of the pushed cancel. 0 (the default): pushed cancels, no Redis call per token."""
 
 
 Outcome = Literal["done", "cancelled", "error", "lost"]
@@ -69,6 +72,7 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
     last_write: asyncio.Future[bool] | None = None
     timer: asyncio.TimerHandle | None = None
     after_cancel = 0
+    polls: list[asyncio.Future[None]] = []
 
     def on_written(fut: asyncio.Future[bool]) -> None:
         if fut.cancelled():
@@ -77,11 +81,17 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
             running.lost = True
             token.cancel("fenced")
 
+    async def poll_cancel_key() -> None:
+        if await services.store.redis.exists(keys.cancel_key(job.message_id)):
+            token.cancel("cancel")
+
     def emit(chunk: str | None) -> None:
         nonlocal seq, last_write
         if chunk is None:
             return
         seq += 1
+        if services.poll_every_chunks and seq % services.poll_every_chunks == 0:
+            polls.append(asyncio.ensure_future(poll_cancel_key()))
         frame = encode_text(Chunk(message_id=job.message_id, seq=seq, text=chunk))
         last_write = services.writer.append(job.message_id, running.attempt, seq, frame)
         last_write.add_done_callback(on_written)
@@ -117,6 +127,7 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
         if timer is not None:
             timer.cancel()
     emit(coalescer.take(loop.time()))
+    await asyncio.gather(*polls, return_exceptions=True)
     if last_write is not None:
         await asyncio.wait([last_write])
     if token.cancelled:

@@ -46,6 +46,11 @@ class Reaper:
                 await self.reap_once()
             except (*CONNECTION_ERRORS, Unavailable) as exc:
                 log.warning("reap_failed", error=str(exc))
+            except redis.exceptions.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                log.warning("jobs_group_missing", error=str(exc))
+                await self.worker.ensure_group()
 
     async def reap_once(self) -> int:
         redis = self.worker.store.redis

@@ -45,6 +45,8 @@ class WorkerConfig:
     reap_interval_s: float = 1.0
     drain_timeout_s: float = 20.0
     coalesce_window_s: float = 0.005
+    poll_every_chunks: int = 0
+    """0: cancels are pushed (pub/sub). N > 0: benchmark baseline, poll the cancel key every N chunks."""
     lifetimes: Lifetimes = field(default_factory=Lifetimes)
 
 
@@ -94,7 +96,7 @@ class Worker:
         reaper = Reaper(self)
         background = [
             spawn(self._beat(), "beat", stop),
-            spawn(self._listen_cancels(), "cancels", stop),
+            *([] if self.config.poll_every_chunks else [spawn(self._listen_cancels(), "cancels", stop)]),
             spawn(self._watch_orphans(), "orphans", stop),
             spawn(reaper.run(), "reaper", stop),
         ]
@@ -182,7 +184,13 @@ class Worker:
         metrics.RUNNING.inc()
         try:
             services = JobServices(
-                self.store, self.writer, engine, self.id, self.config.coalesce_window_s, self.with_history
+                self.store,
+                self.writer,
+                engine,
+                self.id,
+                self.config.coalesce_window_s,
+                self.with_history,
+                self.config.poll_every_chunks,
             )
             outcome = await run_job(services, running, start_seq)
         finally:
