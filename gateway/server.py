@@ -40,6 +40,9 @@ class GatewayConfig:
     limits: Limits = field(default_factory=Limits)
     max_frame_bytes: int = 64 * 1024
     write_limit_bytes: int = 64 * 1024
+    send_buffer_bytes: int | None = None
+    """SO_SNDBUF per client socket; None keeps the kernel's autotuning (up to tcp_wmem max).
+    A small value makes slow clients hit `slow_client_timeout_s` sooner."""
     slow_client_timeout_s: float = 10.0
     max_pending_requests: int = 64
     ping_interval_s: float | None = 20.0
@@ -109,6 +112,9 @@ class Gateway:
         log.info("gateway_stopped")
 
     async def _handle(self, ws: ServerConnection) -> None:
+        if self.config.send_buffer_bytes is not None:
+            sock = ws.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.send_buffer_bytes)
         conn = Connection(self, ws)
         self.connections.add(conn)
         metrics.CONNECTIONS.inc()

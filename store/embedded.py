@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis as sync_redis
@@ -64,9 +65,9 @@ def wait_ready(port: int, timeout_s: float = 10.0, proc: subprocess.Popen[bytes]
         client.close()
 
 
-def start(port: int, directory: Path, persist: bool = False) -> subprocess.Popen[bytes]:
+def start(port: int, directory: Path, persist: bool = False, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     directory.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(server_command(port, directory, persist))
+    proc = subprocess.Popen([*server_command(port, directory, persist), *extra])
     wait_ready(port, proc=proc)
     return proc
 

@@ -46,6 +46,8 @@ class JobServices:
 
 
 Outcome = Literal["done", "cancelled", "error", "lost"]
+SHUTDOWN = "shutdown"
+"""Cancel reason used when a draining worker runs out of time: not the user's Stop."""
 _STATE_OF: dict[type, Literal["done", "cancelled", "error"]] = {
     Done: "done",
     Cancelled: "cancelled",
@@ -138,6 +140,13 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
     terminal: Terminal
     if failure is not None:
         terminal = Error(code="internal", message=failure, message_id=job.message_id, seq=seq)
+    elif token.reason == SHUTDOWN:
+        terminal = Error(
+            code="worker_lost",
+            message="the worker shut down before the answer was complete",
+            message_id=job.message_id,
+            seq=seq,
+        )
     elif token.cancelled:
         terminal = Cancelled(message_id=job.message_id, seq=seq)
     elif finish is not None:

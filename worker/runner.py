@@ -28,7 +28,7 @@ from store.settings import Lifetimes
 from store.tasks import cancel_all, spawn
 from worker import metrics
 from worker.engines.base import Engine
-from worker.job import JobServices, Running, run_job
+from worker.job import SHUTDOWN, JobServices, Running, run_job
 from worker.reaper import Reaper
 from worker.writer import ChunkWriter
 
@@ -116,14 +116,14 @@ class Worker:
         log.info("worker_stopped")
 
     async def _drain(self) -> None:
-        """Running jobs get `drain_timeout_s` to finish; the rest are cancelled (they end
-        `cancelled` with their partial text kept)."""
+        """Running jobs get `drain_timeout_s` to finish while the worker still beats (so
+        nobody reclaims them); the rest end with `error` / `worker_lost`, partial text kept."""
         if not self._job_tasks:
             return
         _done, pending = await asyncio.wait(self._job_tasks, timeout=self.config.drain_timeout_s)
         if pending:
             for running in self.running.values():
-                running.token.cancel("shutdown")
+                running.token.cancel(SHUTDOWN)
             await asyncio.wait(pending, timeout=5.0)
 
     # --- consuming ----------------------------------------------------------------------

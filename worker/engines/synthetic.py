@@ -7,6 +7,8 @@ pause between tokens wakes at once on cancel, so a cancel costs no more than one
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import zlib
 from collections.abc import AsyncIterator
 
@@ -56,11 +58,17 @@ def _release(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
+CRASH_ENV = "TOKENRELAY_SYNTHETIC_CRASH_ON"
+"""Fault injection for chaos tests: a job whose text equals this variable's value kills the
+worker process (SIGKILL) before its first token: a poison job."""
+
+
 class SyntheticEngine:
     name = "synthetic"
 
     def __init__(self, rate: float = 20.0) -> None:
         self.rate = rate
+        self.crash_on = os.environ.get(CRASH_ENV) or None
 
     async def start(self) -> None:
         return None
@@ -88,6 +96,8 @@ class SyntheticEngine:
                 await asyncio.sleep(0)
             if token.cancelled:
                 return
+            if index == 0 and request.text == self.crash_on:
+                os.kill(os.getpid(), signal.SIGKILL)
             yield synthetic_token(request.message_id, index)
         token.set_phase(Phase.FINISHED)
         yield Finish("length")

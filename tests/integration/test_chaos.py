@@ -1,0 +1,248 @@
+"""Chaos: real processes, real signals, exact accounting.
+
+Every accepted message gets exactly one terminal event; every resumed stream has contiguous
+seq. Each test runs on its own Redis (append-only, fsync always) so it can kill it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis as sync_redis
+
+from store import embedded, keys
+from tests.support import TERMINALS, Client, ProcessCluster, Proc, assert_stream_ok, client, http_get, t
+
+pytestmark = pytest.mark.chaos
+
+
+class PrivateRedis:
+    def __init__(self, directory: Path) -> None:
+        self.port = embedded.free_port()
+        self.dir = directory
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = embedded.start(self.port, self.dir, persist=True, extra=["--appendfsync", "always"])
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def client(self) -> sync_redis.Redis:
+        return sync_redis.Redis.from_url(self.url)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    r = PrivateRedis(tmp_path / "redis")
+    r.start()
+    try:
+        yield r
+    finally:
+        if r.proc is not None and r.proc.poll() is None:
+            r.kill()
+
+
+@pytest.fixture
+def chaos_cluster(private_redis: PrivateRedis, tmp_path: Path) -> Iterator[ProcessCluster]:
+    c = ProcessCluster(private_redis.url, tmp_path)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def synthetic(rate: float = 50, concurrency: int = 5) -> tuple[str, ...]:
+    return ("--engine", "synthetic", "--synthetic-rate", str(rate), "--concurrency", str(concurrency))
+
+
+def owner_of(cluster: ProcessCluster, r: PrivateRedis, message_id: str) -> Proc:
+    worker_id = r.client().hget(keys.meta(message_id), "worker")
+    assert worker_id is not None
+    pid = int(worker_id.decode().split("-")[-2])
+    return next(p for p in cluster.workers if p.popen is not None and p.popen.pid == pid)
+
+
+async def streaming(c: Client, mid: str, min_seq: int = 3) -> None:
+    await c.wait_for(lambda f: f["type"] == "chunk" and f["message_id"] == mid and f["seq"] >= min_seq)
+
+
+async def test_worker_killed_mid_stream_client_hears_worker_lost(
+    chaos_cluster: ProcessCluster, private_redis: PrivateRedis
+) -> None:
+    gw = chaos_cluster.add_gateway()
+    chaos_cluster.add_worker(*synthetic())
+    chaos_cluster.add_worker(*synthetic())
+    await chaos_cluster.wait_healthy()
+    async with client(gw.port or 0, "alice") as a:
+        mid = await a.chat("s", max_tokens=1000)
+        await streaming(a, mid)
+        owner_of(chaos_cluster, private_redis, mid).signal(signal.SIGKILL)
+        killed = time.monotonic()
+        end = await a.terminal(mid, timeout=15)
+        heard_after = time.monotonic() - killed
+        assert end["type"] == "error" and end["code"] == "worker_lost"
+        assert_stream_ok(a, mid)
+        assert heard_after < t(8), heard_after
+        after = await a.chat("s2", max_tokens=5)
+        assert (await a.terminal(after))["type"] == "done"
+        history = await a.request(type="history", session_id="s")
+        assert history["turns"][-1]["status"] == "error" and history["turns"][-1]["text"] == a.text(mid)
+    print(f"worker death -> client heard worker_lost after {heard_after:.2f}s")
+
+
+async def test_worker_paused_past_liveness_then_resumed_cannot_corrupt_the_stream(
+    chaos_cluster: ProcessCluster, private_redis: PrivateRedis
+) -> None:
+    gw = chaos_cluster.add_gateway()
+    chaos_cluster.add_worker(*synthetic())
+    chaos_cluster.add_worker(*synthetic())
+    await chaos_cluster.wait_healthy()
+    async with client(gw.port or 0, "alice") as a:
+        mid = await a.chat("s", max_tokens=1000)
+        await streaming(a, mid)
+        paused = owner_of(chaos_cluster, private_redis, mid)
+        paused.signal(signal.SIGSTOP)
+        end = await a.terminal(mid, timeout=15)
+        assert end["type"] == "error" and end["code"] == "worker_lost"
+        paused.signal(signal.SIGCONT)
+        async with asyncio.timeout(t(10)):
+            while '"job_lost"' not in paused.log_path.read_text():
+                await asyncio.sleep(0.05)
+        resumed = await a.chat("s2", max_tokens=5)
+        await a.terminal(resumed)
+        assert_stream_ok(a, mid)
+        assert [e["type"] for e in a.events(mid)].count("error") == 1
+        log = private_redis.client().xrange(keys.log(mid))
+        assert [int(entry_id.split(b"-")[0]) for entry_id, _ in log] == list(range(1, len(log) + 1))
+
+
+async def test_gateway_killed_client_resumes_on_another(chaos_cluster: ProcessCluster) -> None:
+    g1 = chaos_cluster.add_gateway()
+    g2 = chaos_cluster.add_gateway()
+    chaos_cluster.add_worker(*synthetic(rate=100))
+    await chaos_cluster.wait_healthy()
+    async with client(g1.port or 0, "alice") as a:
+        mid = await a.chat("s", max_tokens=300)
+        await streaming(a, mid, 5)
+        g1.signal(signal.SIGKILL)
+        with pytest.raises(ConnectionError):
+            await a.wait_for(lambda f: False, timeout=10)
+    last = a.chunks(mid)[-1]["seq"]
+    async with client(g2.port or 0, "alice") as b:
+        await b.send(type="resume", message_id=mid, after_seq=last)
+        end = await b.terminal(mid)
+        assert end["type"] == "done"
+        assert_stream_ok(b, mid, after_seq=last)
+        assert len((a.text(mid) + b.text(mid)).split()) == 300
+
+
+async def test_gateway_sigterm_closes_1001_and_generation_continues_elsewhere(chaos_cluster: ProcessCluster) -> None:
+    g1 = chaos_cluster.add_gateway()
+    g2 = chaos_cluster.add_gateway()
+    chaos_cluster.add_worker(*synthetic(rate=100))
+    await chaos_cluster.wait_healthy()
+    async with client(g1.port or 0, "alice") as a:
+        mid = await a.chat("s", max_tokens=200)
+        await streaming(a, mid)
+        g1.signal(signal.SIGTERM)
+        with pytest.raises(ConnectionError):
+            await a.wait_for(lambda f: False, timeout=10)
+        assert a.ws.close_code == 1001
+    assert g1.popen is not None and g1.popen.wait(t(10)) == 0
+    last = a.chunks(mid)[-1]["seq"]
+    async with client(g2.port or 0, "alice") as b:
+        await b.send(type="resume", message_id=mid, after_seq=last)
+        assert (await b.terminal(mid))["type"] == "done"
+        assert_stream_ok(b, mid, after_seq=last)
+
+
+async def test_worker_sigterm_finishes_what_it_holds_and_takes_nothing_new(
+    chaos_cluster: ProcessCluster, private_redis: PrivateRedis
+) -> None:
+    gw = chaos_cluster.add_gateway()
+    first = chaos_cluster.add_worker(*synthetic(rate=100))
+    await chaos_cluster.wait_healthy()
+    async with client(gw.port or 0, "alice") as a:
+        mid = await a.chat("s", max_tokens=150)
+        await streaming(a, mid)
+        first.signal(signal.SIGTERM)
+        assert (await a.terminal(mid))["type"] == "done"
+        assert_stream_ok(a, mid)
+        assert first.popen is not None and first.popen.wait(t(10)) == 0
+        chaos_cluster.add_worker(*synthetic(rate=100))
+        later = await a.chat("s2", max_tokens=5)
+        assert (await a.terminal(later, timeout=20))["type"] == "done"
+        assert owner_of(chaos_cluster, private_redis, later) is not first
+
+
+async def test_redis_killed_and_restarted(chaos_cluster: ProcessCluster, private_redis: PrivateRedis) -> None:
+    gw = chaos_cluster.add_gateway()
+    chaos_cluster.add_worker(*synthetic(rate=50))
+    await chaos_cluster.wait_healthy()
+    port = gw.port or 0
+    async with client(port, "alice") as a:
+        mid = await a.chat("s", max_tokens=300)
+        await streaming(a, mid)
+        private_redis.kill()
+        async with asyncio.timeout(t(10)):
+            while (await http_get(port, "/healthz"))[0] != 503:
+                await asyncio.sleep(0.05)
+        started = time.monotonic()
+        refused = await a.request(type="chat", session_id="s2", text="x", request_id="r")
+        assert refused["code"] == "unavailable" and time.monotonic() - started < t(3)
+        assert (await a.request(type="heartbeat", ts=2.0))["type"] == "heartbeat_ack"
+        private_redis.start()
+        restarted = time.monotonic()
+        async with asyncio.timeout(t(15)):
+            while (await http_get(port, "/healthz"))[0] != 200:
+                await asyncio.sleep(0.05)
+        healthy_after = time.monotonic() - restarted
+        async with asyncio.timeout(t(20)):
+            while True:
+                reply = await a.request(type="chat", session_id="s3", text="x", max_tokens=5)
+                if reply["type"] == "accepted":
+                    break
+                await asyncio.sleep(0.1)
+        assert (await a.terminal(reply["message_id"], timeout=20))["type"] == "done"
+        end = await a.terminal(mid, timeout=30)
+        assert end["type"] in TERMINALS
+        assert_stream_ok(a, mid)
+    print(f"redis restart -> gateway healthy after {healthy_after:.2f}s; in-flight stream ended {end['type']}")
+
+
+async def test_poison_job_goes_to_dead_letter_after_three_deliveries(
+    private_redis: PrivateRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TOKENRELAY_SYNTHETIC_CRASH_ON", "poison")
+    cluster = ProcessCluster(private_redis.url, tmp_path)
+    try:
+        gw = cluster.add_gateway()
+        cluster.add_worker(*synthetic())
+        await cluster.wait_healthy()
+        async with client(gw.port or 0, "alice") as a:
+            mid = await a.chat("s", "poison", max_tokens=10)
+            async with asyncio.timeout(t(60)):
+                while not any(f["type"] in TERMINALS for f in a.events(mid)):
+                    if all(p.popen is None or p.popen.poll() is not None for p in cluster.workers):
+                        cluster.add_worker(*synthetic())
+                    await asyncio.sleep(0.1)
+            end = a.events(mid)[-1]
+            assert end["type"] == "error" and end["code"] == "worker_lost" and end["seq"] == 0
+            dead = private_redis.client().xrange(keys.DEAD_STREAM)
+            assert len(dead) == 1 and int(dead[0][1][b"deliveries"]) == 4
+            deaths = sum(1 for p in cluster.workers if p.popen is not None and p.popen.poll() == -signal.SIGKILL)
+            assert deaths == 3
+            healthy = await a.chat("s2", "fine", max_tokens=3)
+            assert (await a.terminal(healthy, timeout=20))["type"] == "done"
+    finally:
+        cluster.stop()

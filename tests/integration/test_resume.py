@@ -1,0 +1,178 @@
+"""Resume on any gateway, orphans, admission control and slow clients (in-process parts)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+
+from gateway.server import Gateway
+from store.settings import Lifetimes
+from tests.support import TERMINALS, assert_stream_ok, client, gateway, t, worker
+from worker.engines.synthetic import SyntheticEngine
+
+
+def slow(rate: float = 50.0, n: int = 20) -> list[SyntheticEngine]:
+    return [SyntheticEngine(rate=rate)] * n
+
+
+async def test_resume_mid_stream_on_another_gateway_is_seamless(redis_url: str) -> None:
+    async with gateway(redis_url) as g1, gateway(redis_url) as g2, worker(redis_url, slow(100.0)):
+        async with client(g1.port, "alice") as a:
+            mid = await a.chat("s", max_tokens=120)
+            await a.wait_for(lambda f: f["type"] == "chunk" and f["seq"] >= 10)
+        held = a.chunks(mid)
+        last = held[-1]["seq"]
+        async with client(g2.port, "alice") as b:
+            await b.send(type="resume", message_id=mid, after_seq=last)
+            end = await b.terminal(mid)
+            assert end["type"] == "done"
+            assert_stream_ok(b, mid, after_seq=last)
+            words = (a.text(mid) + b.text(mid)).split()
+        assert len(words) == 120
+
+
+async def test_resume_after_the_end_replays_everything_after_the_seq(redis_url: str) -> None:
+    async with gateway(redis_url) as g1, gateway(redis_url) as g2, worker(redis_url):
+        async with client(g1.port, "alice") as a:
+            mid = await a.chat("s", max_tokens=15)
+            await a.terminal(mid)
+        last = a.events(mid)[-1]["seq"]
+        assert last >= 2
+        async with client(g2.port, "alice") as b:
+            for after in (0, last // 2, last):
+                start = len(b.frames)
+                await b.send(type="resume", message_id=mid, after_seq=after)
+                end = await b.wait_for(lambda f: f["type"] in TERMINALS, start=start)
+                replay = [f for f in b.frames[start:] if f.get("message_id") == mid]
+                assert [f["seq"] for f in replay if f["type"] == "chunk"] == list(range(after + 1, last + 1))
+                assert replay[-1] == end == a.events(mid)[-1]
+
+
+async def test_resume_unknown_or_foreign_message_is_not_found(redis_url: str) -> None:
+    async with gateway(redis_url) as gw, worker(redis_url), client(gw.port, "alice") as a:
+        mid = await a.chat("s", max_tokens=3)
+        await a.terminal(mid)
+        async with client(gw.port, "bob") as b:
+            for target in (mid, "m-unknown"):
+                start = len(b.frames)
+                await b.send(type="resume", message_id=target, after_seq=0)
+                error = await b.wait_for(lambda f: f["type"] == "error", start=start)
+                assert error["code"] == "not_found" and error["message_id"] == target
+            assert (await b.request(type="heartbeat"))["type"] == "heartbeat_ack"
+
+
+async def test_orphaned_generation_is_cancelled_after_the_detach_grace(redis_url: str) -> None:
+    lifetimes = Lifetimes(detach_grace_s=0.5)
+    async with gateway(redis_url, lifetimes=lifetimes) as gw, worker(
+        redis_url, slow(50.0), orphan_check_s=0.1
+    ) as w:
+        async with client(gw.port, "alice") as a:
+            mid = await a.chat("s", max_tokens=2000)
+            await a.wait_for(lambda f: f["type"] == "chunk")
+        closed_at = time.monotonic()
+        async with client(gw.port, "alice") as b:
+            async with asyncio.timeout(t(10)):
+                while True:
+                    turns = (await b.request(type="history", session_id="s"))["turns"]
+                    if turns[-1]["status"] == "cancelled":
+                        break
+                    await asyncio.sleep(0.05)
+        waited = time.monotonic() - closed_at
+        assert 0.4 <= waited < t(5), waited
+        assert turns[-1]["text"], "the partial answer is kept"
+        assert not w.running
+
+
+async def test_a_resumed_generation_is_not_orphaned(redis_url: str) -> None:
+    lifetimes = Lifetimes(detach_grace_s=0.5)
+    async with gateway(redis_url, lifetimes=lifetimes) as gw, worker(redis_url, slow(50.0), orphan_check_s=0.1):
+        async with client(gw.port, "alice") as a:
+            mid = await a.chat("s", max_tokens=150)
+            await a.wait_for(lambda f: f["type"] == "chunk")
+        last = a.chunks(mid)[-1]["seq"]
+        async with client(gw.port, "alice") as b:
+            await b.send(type="resume", message_id=mid, after_seq=last)
+            end = await b.terminal(mid)
+            assert end["type"] == "done", end
+            assert_stream_ok(b, mid, after_seq=last)
+
+
+async def test_backlog_over_the_limit_answers_overloaded(redis_url: str) -> None:
+    lifetimes = Lifetimes(backlog_limit=2)
+    async with gateway(redis_url, lifetimes=lifetimes) as gw, client(gw.port, "alice") as a:
+        await a.chat("s1")
+        await a.chat("s2")
+        error = await a.request(type="chat", session_id="s3", text="x", request_id="r3")
+        assert error == {"type": "error", "code": "overloaded", "message": error["message"], "request_id": "r3"}
+        async with worker(redis_url):
+            async with asyncio.timeout(t(10)):
+                while (await a.request(type="chat", session_id="s4", text="y"))["type"] != "accepted":
+                    await asyncio.sleep(0.05)
+
+
+async def raw_client_that_never_reads(port: int) -> socket.socket:
+    """A client with a tiny receive buffer that completes the handshake, then never reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(
+        sock,
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    return sock
+
+
+def masked_text_frame(payload: bytes) -> bytes:
+    assert len(payload) < 126
+    mask = b"\x01\x02\x03\x04"
+    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def test_client_that_never_reads_is_closed_4008_and_others_keep_streaming(redis_url: str) -> None:
+    async with gateway(
+        redis_url, slow_client_timeout_s=1.0, write_limit_bytes=4096, send_buffer_bytes=4096
+    ) as gw, worker(redis_url, slow(0.0, 60)):
+        sock = await raw_client_that_never_reads(gw.port)
+        try:
+            await flood_and_check(gw, sock)
+        finally:
+            sock.close()
+        from gateway import metrics
+
+        assert metrics.CLOSED.labels("slow_consumer")._value.get() >= 1
+
+
+async def flood_and_check(gw: Gateway, sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    for n in range(40):
+        chat = f'{{"type":"chat","session_id":"s{n}","text":"x","max_tokens":2048}}'.encode()
+        await loop.sock_sendall(sock, masked_text_frame(chat))
+    async with client(gw.port, "bob") as bob:
+        mid = await bob.chat("b", max_tokens=200)
+        assert (await bob.terminal(mid))["type"] == "done"
+        assert_stream_ok(bob, mid)
+        async with asyncio.timeout(t(20)):
+            while not any(conn.slow for conn in gw.connections) and len(gw.connections) > 1:
+                await asyncio.sleep(0.05)
+            while len(gw.connections) > 1:
+                await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("text", ["x" * 20])
+async def test_redis_unreachable_chat_answers_unavailable_and_heartbeats_continue(redis_url: str, text: str) -> None:
+    from store.embedded import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    async with gateway(dead) as gw, client(gw.port, "alice") as a:
+        started = time.monotonic()
+        error = await a.request(type="chat", session_id="s", text=text, request_id="r")
+        assert error["type"] == "error" and error["code"] == "unavailable" and error["request_id"] == "r"
+        assert time.monotonic() - started < t(3)
+        assert (await a.request(type="heartbeat", ts=1.0))["type"] == "heartbeat_ack"
+        assert (await a.request(type="cancel", message_id="m1"))["code"] == "unavailable"
