@@ -47,6 +47,8 @@ class GatewayConfig:
     max_pending_requests: int = 64
     ping_interval_s: float | None = 20.0
     ping_timeout_s: float | None = 20.0
+    close_timeout_s: float = 5.0
+    """How long a closing connection waits for the peer's close frame (a dead peer sends none)."""
     lifetimes: Lifetimes = field(default_factory=Lifetimes)
     instance_id: str = field(default_factory=lambda: f"g-{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}")
 
@@ -87,6 +89,7 @@ class Gateway:
             write_limit=c.write_limit_bytes,
             ping_interval=c.ping_interval_s,
             ping_timeout=c.ping_timeout_s,
+            close_timeout=c.close_timeout_s,
             max_queue=16,
         ) as server:
             self.server = server
@@ -123,8 +126,10 @@ class Gateway:
         finally:
             self.connections.discard(conn)
             metrics.CONNECTIONS.dec()
-            if ws.close_code == 1011:
+            sent = ws.protocol.close_sent
+            if sent is not None and sent.code == 1011 and "keepalive" in sent.reason:
                 metrics.CLOSED.labels("ping_timeout").inc()
+                log.info("ping_timeout", connections=len(self.connections))
 
     async def _http(self, ws: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]

@@ -10,7 +10,16 @@ import pytest
 
 from gateway.server import Gateway
 from store.settings import Lifetimes
-from tests.support import TERMINALS, assert_stream_ok, client, gateway, t, worker
+from tests.support import (
+    TERMINALS,
+    assert_stream_ok,
+    client,
+    gateway,
+    masked_text_frame,
+    raw_client_that_never_reads,
+    t,
+    worker,
+)
 from worker.engines.synthetic import SyntheticEngine
 
 
@@ -111,27 +120,6 @@ async def test_backlog_over_the_limit_answers_overloaded(redis_url: str) -> None
             async with asyncio.timeout(t(10)):
                 while (await a.request(type="chat", session_id="s4", text="y"))["type"] != "accepted":
                     await asyncio.sleep(0.05)
-
-
-async def raw_client_that_never_reads(port: int) -> socket.socket:
-    """A client with a tiny receive buffer that completes the handshake, then never reads."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, ("127.0.0.1", port))
-    await loop.sock_sendall(
-        sock,
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    return sock
-
-
-def masked_text_frame(payload: bytes) -> bytes:
-    assert len(payload) < 126
-    mask = b"\x01\x02\x03\x04"
-    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 async def test_client_that_never_reads_is_closed_4008_and_others_keep_streaming(redis_url: str) -> None:
