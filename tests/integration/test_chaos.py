@@ -72,6 +72,14 @@ def owner_of(cluster: ProcessCluster, r: PrivateRedis, message_id: str) -> Proc:
     return next(p for p in cluster.workers if p.popen is not None and p.popen.pid == pid)
 
 
+async def start(cluster: ProcessCluster, gateways: int, workers: int, rate: float = 50) -> list[Proc]:
+    started = [cluster.add_gateway() for _ in range(gateways)]
+    for _ in range(workers):
+        cluster.add_worker(*synthetic(rate=rate))
+    await cluster.wait_healthy()
+    return started
+
+
 async def streaming(c: Client, mid: str, min_seq: int = 3) -> None:
     await c.wait_for(lambda f: f["type"] == "chunk" and f["message_id"] == mid and f["seq"] >= min_seq)
 
@@ -79,10 +87,7 @@ async def streaming(c: Client, mid: str, min_seq: int = 3) -> None:
 async def test_worker_killed_mid_stream_client_hears_worker_lost(
     chaos_cluster: ProcessCluster, private_redis: PrivateRedis
 ) -> None:
-    gw = chaos_cluster.add_gateway()
-    chaos_cluster.add_worker(*synthetic())
-    chaos_cluster.add_worker(*synthetic())
-    await chaos_cluster.wait_healthy()
+    (gw,) = await start(chaos_cluster, gateways=1, workers=2)
     async with client(gw.port or 0, "alice") as a:
         mid = await a.chat("s", max_tokens=1000)
         await streaming(a, mid)
@@ -103,10 +108,7 @@ async def test_worker_killed_mid_stream_client_hears_worker_lost(
 async def test_worker_paused_past_liveness_then_resumed_cannot_corrupt_the_stream(
     chaos_cluster: ProcessCluster, private_redis: PrivateRedis
 ) -> None:
-    gw = chaos_cluster.add_gateway()
-    chaos_cluster.add_worker(*synthetic())
-    chaos_cluster.add_worker(*synthetic())
-    await chaos_cluster.wait_healthy()
+    (gw,) = await start(chaos_cluster, gateways=1, workers=2)
     async with client(gw.port or 0, "alice") as a:
         mid = await a.chat("s", max_tokens=1000)
         await streaming(a, mid)
@@ -127,10 +129,7 @@ async def test_worker_paused_past_liveness_then_resumed_cannot_corrupt_the_strea
 
 
 async def test_gateway_killed_client_resumes_on_another(chaos_cluster: ProcessCluster) -> None:
-    g1 = chaos_cluster.add_gateway()
-    g2 = chaos_cluster.add_gateway()
-    chaos_cluster.add_worker(*synthetic(rate=100))
-    await chaos_cluster.wait_healthy()
+    g1, g2 = await start(chaos_cluster, gateways=2, workers=1, rate=100)
     async with client(g1.port or 0, "alice") as a:
         mid = await a.chat("s", max_tokens=300)
         await streaming(a, mid, 5)
@@ -147,10 +146,7 @@ async def test_gateway_killed_client_resumes_on_another(chaos_cluster: ProcessCl
 
 
 async def test_gateway_sigterm_closes_1001_and_generation_continues_elsewhere(chaos_cluster: ProcessCluster) -> None:
-    g1 = chaos_cluster.add_gateway()
-    g2 = chaos_cluster.add_gateway()
-    chaos_cluster.add_worker(*synthetic(rate=100))
-    await chaos_cluster.wait_healthy()
+    g1, g2 = await start(chaos_cluster, gateways=2, workers=1, rate=100)
     async with client(g1.port or 0, "alice") as a:
         mid = await a.chat("s", max_tokens=200)
         await streaming(a, mid)
