@@ -257,7 +257,10 @@ class Store:
         frame: str,
         text: str,
     ) -> bool:
-        """Write the terminal event (fenced); False if the job is no longer ours."""
+        """Write the terminal event (fenced); False if the job is no longer ours.
+
+        A `done` becomes `cancelled` (same seq) when a cancel was accepted meanwhile."""
+        cancelled = encode_text(Cancelled(message_id=message_id, seq=seq))
         history_status = {"done": "complete", "cancelled": "cancelled", "error": "error"}[state]
         grace_status = "cancelled" if state == "cancelled" else "completed"
         async with guarded():
@@ -274,6 +277,7 @@ class Store:
                     text,
                     history_status,
                     grace_status,
+                    cancelled,
                 ],
             )
         return bool(ok)

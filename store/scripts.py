@@ -116,9 +116,16 @@ return 1
 
 FINISH = PRELUDE + r"""
 -- KEYS: meta
--- ARGV: config, mid, worker, attempt, state, seq, frame, text, history status, grace status
+-- ARGV: config, mid, worker, attempt, state, seq, frame, text, history status, grace status,
+--       cancelled frame (same seq)
+-- A cancel answered `cancelling` promises a `cancelled` terminal: if its key is set when a
+-- job finishes on its own (the Stop raced the last token), the message ends cancelled.
 local m = redis.call('HMGET', KEYS[1], 'worker', 'attempt', 'state')
 if m[1] ~= ARGV[3] or m[2] ~= ARGV[4] or m[3] ~= 'running' then return 0 end
+if ARGV[5] == 'done' and redis.call('EXISTS', C.cancel .. ARGV[2]) == 1 then
+  write_terminal(ARGV[2], 'cancelled', ARGV[6], ARGV[11], ARGV[8], 'cancelled', 'cancelled')
+  return 2
+end
 write_terminal(ARGV[2], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10])
 return 1
 """

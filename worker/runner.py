@@ -108,7 +108,10 @@ class Worker:
         await self._drain()
         await cancel_all(background)
         await self.writer.close()
-        await retry(lambda: self.store.redis.delete(keys.alive(self.id), keys.instance("worker", self.id)), "deregister")
+        try:
+            await self.store.redis.delete(keys.alive(self.id), keys.instance("worker", self.id))
+        except CONNECTION_ERRORS as exc:
+            log.warning("deregister_failed", error=str(exc), note="the keys expire by their TTL")
         for engine in self._all_engines:
             await engine.close()
         for client in (self.store.redis, self._blocking, self._listener):
