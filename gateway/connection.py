@@ -162,8 +162,7 @@ class Connection:
                 try:
                     self.requests.put_nowait(message)
                 except asyncio.QueueFull:
-                    rid = message.request_id if isinstance(message, Chat) else None
-                    await self.error("rate_limited", "too many requests in flight on this connection", rid)
+                    await self.error("rate_limited", "too many requests in flight on this connection", _rid(message))
 
     async def _reauth(self, user: str | None, token: str | None) -> None:
         if self.gw.config.auth_secret is not None:
@@ -175,6 +174,9 @@ class Connection:
             except AuthError as exc:
                 await self.error("unauthorized", str(exc))
                 return
+        elif token is not None and user is None:
+            await self.error("unauthorized", "this gateway has no auth secret: name the user with \"user\"")
+            return
         else:
             self.user = user or "anonymous"
         await self.reply(AuthOk(user=self.user))
@@ -198,8 +200,12 @@ class Connection:
                         await self.reply(HistoryCleared(session_id=sid))
             except Unavailable as exc:
                 log.warning("redis_unavailable", error=str(exc))
-                rid = message.request_id if isinstance(message, Chat) else None
-                await self.error("unavailable", "the message store is unreachable; try again shortly", rid)
+                await self.error("unavailable", "the message store is unreachable; try again shortly", _rid(message))
+            except (ConnectionClosed, SlowConsumer):
+                raise
+            except Exception:
+                log.exception("request_failed", request=type(message).__name__)
+                await self.error("internal", "the gateway failed to handle this request", _rid(message))
 
     # --- relays -------------------------------------------------------------------------
 
@@ -242,3 +248,7 @@ class Connection:
                 await self.gw.store.refresh_attach(unfinished, self.gw.store.lifetimes.detach_grace_ms)
             except Unavailable as exc:
                 log.warning("detach_lease_failed", error=str(exc))
+
+
+def _rid(message: ClientMessage) -> str | None:
+    return message.request_id if isinstance(message, Chat) else None

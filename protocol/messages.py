@@ -25,7 +25,7 @@ Seq = Annotated[int, msgspec.Meta(ge=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 
 
-class _Client(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):
+class _Client(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=True):
     pass
 
 

@@ -164,7 +164,7 @@ async def gateway(redis_url: str, **overrides: Any) -> AsyncIterator[Gateway]:
 
 @contextlib.asynccontextmanager
 async def worker(redis_url: str, engines: Iterable[Engine] | None = None, **overrides: Any) -> AsyncIterator[Worker]:
-    engine_list = list(engines) if engines is not None else [SyntheticEngine(rate=200.0)] * 50
+    engine_list: list[Engine] = list(engines) if engines is not None else [SyntheticEngine(rate=200.0)] * 50
     w = Worker(WorkerConfig(redis_url=redis_url, concurrency=len(engine_list), **overrides), engine_list)
     stop = asyncio.Event()
     task = asyncio.create_task(w.run(stop))

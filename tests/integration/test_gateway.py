@@ -215,3 +215,12 @@ async def test_connection_that_misses_its_pings_is_closed_and_counted(redis_url:
         finally:
             sock.close()
     assert metrics.CLOSED.labels("ping_timeout")._value.get() == before + 1
+
+
+async def test_token_without_a_configured_secret_is_refused_not_ignored(redis_url: str) -> None:
+    async with gateway(redis_url) as gw, worker(redis_url), client(gw.port) as c:
+        error = await c.request(type="auth", token="abc.def")
+        assert error["type"] == "error" and error["code"] == "unauthorized" and "user" in error["message"]
+        assert await c.request(type="auth", user="dave") == {"type": "auth_ok", "user": "dave"}
+        mid = await c.chat("s", max_tokens=2)
+        assert (await c.terminal(mid))["type"] == "done"

@@ -147,3 +147,8 @@ def test_every_server_message_encodes_as_protocol_md_says(message: object, wire:
     text = encode_text(message)  # type: ignore[arg-type]
     assert json.loads(text) == wire
     assert server_decoder.decode(text) == message
+
+
+def test_client_messages_leave_unset_optional_fields_out() -> None:
+    assert json.loads(encode_text(Cancel(session_id="s"))) == {"type": "cancel", "session_id": "s"}
+    assert json.loads(encode_text(Chat(session_id="s", text="t"))) == {"type": "chat", "session_id": "s", "text": "t"}

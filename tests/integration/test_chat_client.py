@@ -1,0 +1,291 @@
+"""The terminal client (`python -m gateway.chat`) and the demo page, through their public interfaces:
+a real process reading stdin and writing stdout, and the page as the gateway serves it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+
+from protocol.auth import mint_token
+from tests.support import REPO, client, gateway, http_get, t, worker
+from worker.engines.synthetic import WORDS, SyntheticEngine
+
+WORD_RE = re.compile(r"\b(?:" + "|".join(WORDS) + r")\b")
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+class Cli:
+    """A `python -m gateway.chat` process whose stdout is read incrementally."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.out = ""
+
+    async def until(self, predicate: Callable[[str], bool], timeout: float = 10.0) -> str:
+        assert self.proc.stdout is not None
+        try:
+            async with asyncio.timeout(t(timeout)):
+                while not predicate(self.out):
+                    data = await self.proc.stdout.read(4096)
+                    if not data:
+                        raise AssertionError(f"stdout closed early (rc={await self.proc.wait()}): {self.out!r}")
+                    self.out += data.decode(errors="replace")
+        except TimeoutError:
+            raise AssertionError(f"timed out; stdout so far: {self.out!r}") from None
+        return self.out
+
+    async def finish(self, stdin: bytes | None = None, timeout: float = 15.0) -> tuple[int, str, str]:
+        """Feed `stdin` (then EOF) and wait for exit: (exit code, all of stdout, stderr)."""
+        async with asyncio.timeout(t(timeout)):
+            rest, err = await self.proc.communicate(stdin)
+        self.out += rest.decode(errors="replace")
+        assert self.proc.returncode is not None
+        return self.proc.returncode, self.out, err.decode(errors="replace")
+
+
+@contextlib.asynccontextmanager
+async def cli(*args: str, interactive: bool = False) -> AsyncIterator[Cli]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.chat", *args,
+        cwd=REPO,
+        stdin=asyncio.subprocess.PIPE if interactive else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        yield Cli(proc)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.communicate()
+
+
+def url(port: int) -> str:
+    return f"ws://127.0.0.1:{port}/ws"
+
+
+async def test_one_shot_streams_the_answer_and_exits_0(redis_url: str) -> None:
+    async with gateway(redis_url) as gw, worker(redis_url):
+        async with cli("--url", url(gw.port), "--user", "alice", "--max-tokens", "5", "hello") as p:
+            rc, out, err = await p.finish()
+    assert rc == 0, (out, err)
+    words = out.split()
+    assert len(words) == 5 and set(words) <= set(WORDS), out
+
+
+async def test_interactive_ctrl_c_cancels_the_streaming_answer_and_the_loop_goes_on(redis_url: str) -> None:
+    session = f"cli-{os.urandom(4).hex()}"
+    async with gateway(redis_url) as gw, worker(redis_url, engines=[SyntheticEngine(rate=5.0)] * 4):
+        args = ("--url", url(gw.port), "--user", "alice", "--session", session, "--max-tokens", "50")
+        async with cli(*args, interactive=True) as p:
+            assert p.proc.stdin is not None
+            p.proc.stdin.write(b"tell me a long story\n")
+            await p.proc.stdin.drain()
+            await p.until(lambda out: WORD_RE.search(out) is not None)
+            p.proc.send_signal(signal.SIGINT)
+            out = await p.until(lambda out: "[cancelled]" in out)
+            answer = out.split("[cancelled]")[0]
+            assert 1 <= len(WORD_RE.findall(answer)) < 50, out
+            rc, out, err = await p.finish(b"/quit\n")
+        assert rc == 0, (out, err)
+
+        async with client(gw.port, "alice") as c:
+            history = await c.request(type="history", session_id=session)
+        assert history["type"] == "history", history
+        turns = history["turns"]
+        assert [(turn["role"], turn["status"]) for turn in turns] == [("user", "complete"), ("assistant", "cancelled")]
+        assert turns[1]["text"].split() == WORD_RE.findall(answer)
+
+
+async def test_one_shot_ctrl_c_exits_130(redis_url: str) -> None:
+    async with gateway(redis_url) as gw, worker(redis_url, engines=[SyntheticEngine(rate=5.0)] * 4):
+        async with cli("--url", url(gw.port), "--user", "alice", "--max-tokens", "50", "hello") as p:
+            await p.until(lambda out: WORD_RE.search(out) is not None)
+            p.proc.send_signal(signal.SIGINT)
+            rc, out, err = await p.finish()
+    assert rc == 130, (out, err)
+    assert "[cancelled]" in out
+
+
+async def test_ctrl_c_before_accepted_cancels_by_session() -> None:
+    """Against a stand-in gateway that holds back `accepted` until a cancel arrives: the
+    cancel can only name the session, and the client still ends on the terminal event."""
+    received: list[dict[str, Any]] = []
+    chat_seen = asyncio.Event()
+
+    async def handler(ws: ServerConnection) -> None:
+        async for raw in ws:
+            frame = json.loads(raw)
+            received.append(frame)
+            if frame["type"] == "chat":
+                chat_seen.set()
+            elif frame["type"] == "cancel":
+                chat = received[0]
+                await ws.send(json.dumps({"type": "accepted", "request_id": chat["request_id"],
+                                          "session_id": chat["session_id"], "message_id": "m1"}))
+                await ws.send(json.dumps({"type": "cancel_result", "status": "cancelling", "message_id": "m1",
+                                          "session_id": chat["session_id"]}))
+                await ws.send(json.dumps({"type": "cancelled", "message_id": "m1", "seq": 0}))
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with cli("--url", url(port), "--session", "s-early", "hello") as p:
+            async with asyncio.timeout(t(10)):
+                await chat_seen.wait()
+            p.proc.send_signal(signal.SIGINT)
+            rc, out, err = await p.finish()
+    assert rc == 130, (out, err)
+    assert "[cancelled]" in out
+    assert [f["type"] for f in received] == ["chat", "cancel"], received
+    cancel = received[1]
+    assert cancel["session_id"] == "s-early" and cancel.get("message_id") is None, cancel
+
+
+async def test_history_and_clear_commands(redis_url: str) -> None:
+    async with gateway(redis_url) as gw, worker(redis_url):
+        args = ("--url", url(gw.port), "--user", "alice", "--session", "s-cmd", "--max-tokens", "3")
+        async with cli(*args, interactive=True) as p:
+            rc, out, err = await p.finish(b"first question\n/history\n/clear\n/history\n/quit\n")
+    assert rc == 0, (out, err)
+    assert "user: first question" in out
+    assert re.search(r"assistant: (\w+ ){3}", out), out
+    assert "[history of session s-cmd cleared]" in out
+    assert "(session s-cmd has no history)" in out.split("cleared]")[1], out
+
+
+async def test_token_auth(redis_url: str) -> None:
+    async with gateway(redis_url, auth_secret="sekrit") as gw, worker(redis_url):
+        token = mint_token("sekrit", "carol", time.time(), 600)
+        async with cli("--url", url(gw.port), "--token", token, "--max-tokens", "2", "hi") as p:
+            rc, out, err = await p.finish()
+        assert rc == 0 and len(out.split()) == 2, (out, err)
+        async with cli("--url", url(gw.port), "--token", "forged", "hi") as p:
+            rc, out, err = await p.finish()
+        assert rc == 1 and "authentication refused" in err, (out, err)
+
+
+async def test_demo_page_is_served_self_contained(redis_url: str) -> None:
+    async with gateway(redis_url) as gw:
+        status, page = await http_get(gw.port, "/")
+    assert status == 200
+    assert "<html" in page and 'id="stop"' in page
+    for needle in ('"resume"', "after_seq", '"cancel"', '"heartbeat"', '"history"', '"clear_history"', "/ws"):
+        assert needle in page, needle
+    assert "innerHTML" not in page, "server text must go in through textContent"
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page), "no external resources"
+
+
+# --- the page in a real browser (only where chromium is installed) -----------------------------
+
+
+class Browser:
+    """Headless chromium driven over the DevTools protocol."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self._ids = itertools.count(1)
+
+    async def call(self, method: str, **params: Any) -> dict[str, Any]:
+        number = next(self._ids)
+        await self.ws.send(json.dumps({"id": number, "method": method, "params": params}))
+        while True:
+            reply = json.loads(await self.ws.recv())
+            if reply.get("id") == number:
+                assert "error" not in reply, reply
+                result: dict[str, Any] = reply["result"]
+                return result
+
+    async def js(self, expression: str) -> Any:
+        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    async def until(self, expression: str, timeout: float = 15.0) -> None:
+        try:
+            async with asyncio.timeout(t(timeout)):
+                while not await self.js(f"!!({expression})"):
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            body = await self.js("document.body.innerText")
+            raise AssertionError(f"timed out waiting for {expression}; page: {body}") from None
+
+
+@contextlib.asynccontextmanager
+async def browser() -> AsyncIterator[Browser]:
+    with tempfile.TemporaryDirectory() as profile:
+        proc = await asyncio.create_subprocess_exec(
+            str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            port_file = Path(profile) / "DevToolsActivePort"
+            async with asyncio.timeout(t(30)):
+                while not port_file.exists() or "\n" not in port_file.read_text():
+                    await asyncio.sleep(0.05)
+            port = port_file.read_text().split()[0]
+            listing = await asyncio.to_thread(
+                lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read()
+            )
+            page = next(target for target in json.loads(listing) if target["type"] == "page")
+            async with connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
+                yield Browser(ws)
+        finally:
+            proc.terminate()
+            await proc.wait()
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (not installed by the tests)")
+async def test_demo_page_streams_stops_and_shows_history_in_a_browser(redis_url: str) -> None:
+    async with gateway(redis_url) as gw, worker(redis_url, engines=[SyntheticEngine(rate=20.0)] * 4):
+        async with browser() as b:
+            await b.call("Page.enable")
+            await b.call("Page.navigate", url=f"http://127.0.0.1:{gw.port}/")
+            await b.until("document.getElementById('conn')?.classList.contains('on')")
+            await b.js("""document.getElementById('user').value = 'alice';
+                          document.getElementById('session').value = 'web-test';
+                          document.querySelector('#settings button').click()""")
+            await b.until("document.getElementById('conn').textContent === 'connected as alice'")
+
+            await b.js("""document.getElementById('max-tokens').value = '5';
+                          document.getElementById('text').value = 'hello <b>there</b>';
+                          document.getElementById('send').click()""")
+            await b.until("document.querySelector('.turn.assistant.done')")
+            assert len((await b.js("document.querySelector('.turn.assistant .body').textContent")).split()) == 5
+            assert await b.js("document.querySelector('.turn.user .body').textContent") == "hello <b>there</b>"
+
+            # Stop at once, before `accepted` can have arrived: the cancel names the session.
+            await b.js("""document.getElementById('max-tokens').value = '200';
+                          document.getElementById('text').value = 'stop me';
+                          document.getElementById('send').click();
+                          document.getElementById('stop').click()""")
+            await b.until("document.querySelectorAll('.turn.assistant')[1].classList.contains('cancelled')")
+            assert await b.js("document.getElementById('stop').disabled")
+
+            await b.js("document.getElementById('history').click()")
+            await b.until("document.querySelector('.history')")
+            statuses = await b.js("[...document.querySelectorAll('.history .turn .meta')].map(e => e.textContent)")
+            assert statuses == ["", "", "", "cancelled"], statuses
+            shot = await b.call("Page.captureScreenshot", format="png")
+            assert base64.b64decode(shot["data"]).startswith(b"\x89PNG")
+
+        async with client(gw.port, "alice") as c:
+            history = await c.request(type="history", session_id="web-test")
+        assert [turn["status"] for turn in history["turns"]] == ["complete", "complete", "complete", "cancelled"]
