@@ -1,10 +1,11 @@
 """One client connection: authenticate, dispatch requests, relay messages, one send lock.
 
 Every outgoing frame (acks, heartbeat acks, chunks, errors) passes through `send`, which
-holds `send_lock` for the whole frame and gives up on a client that cannot take it within
-`slow_client_timeout_s` (closed with 4008). Heartbeats are answered by the reader at once;
-other requests are handled in order by one dispatcher task, so a slow Redis call never
-delays a heartbeat.
+holds `send_lock` for the whole frame. A send blocks only while the socket's write buffer is
+over its limit; the gateway's sweeper closes a connection whose send has been blocked for
+`slow_client_timeout_s` (code 4008), so no timer is armed per frame. Heartbeats are answered
+by the reader at once; other requests are handled in order by one dispatcher task, so a slow
+Redis call never delays a heartbeat.
 """
 
 from __future__ import annotations
@@ -64,15 +65,23 @@ class SendChannel:
         self.sink = sink
         self.send_lock = asyncio.Lock()
         self.timeout_s = timeout_s
+        self._sending_since: float | None = None
+        self.closed_slow = False
 
     async def send(self, frame: str) -> None:
         async with self.send_lock:
+            if self.closed_slow:
+                raise SlowConsumer("connection closed for reading too slowly")
+            self._sending_since = time.monotonic()
             try:
-                async with asyncio.timeout(self.timeout_s):
-                    await self.sink.send(frame)
-            except TimeoutError:
-                raise SlowConsumer(f"client did not read a frame within {self.timeout_s}s") from None
+                await self.sink.send(frame)
+            finally:
+                self._sending_since = None
         metrics.FRAMES_OUT.inc()
+
+    def stalled(self, now: float) -> bool:
+        """True once one frame has waited `timeout_s` for the client to read."""
+        return self._sending_since is not None and now - self._sending_since > self.timeout_s
 
 
 class Connection:
@@ -83,20 +92,21 @@ class Connection:
         self.user = "anonymous"
         self.relays: dict[str, tuple[Relay, asyncio.Task[None]]] = {}
         self.requests: asyncio.Queue[ClientMessage] = asyncio.Queue(gateway.config.max_pending_requests)
-        self.slow = False
 
     # --- sending ------------------------------------------------------------------------
 
     async def send(self, frame: str) -> None:
-        try:
-            await self.channel.send(frame)
-        except SlowConsumer:
-            if not self.slow:
-                self.slow = True
-                metrics.CLOSED.labels("slow_consumer").inc()
-                log.warning("slow_consumer", user=self.user)
-                self.ws.transport.abort()
-            raise
+        await self.channel.send(frame)
+
+    async def close_slow(self) -> None:
+        """Close with 4008. The close frame queues behind the unread data; a client that
+        never reads is cut off after the close timeout."""
+        if self.channel.closed_slow:
+            return
+        self.channel.closed_slow = True
+        metrics.CLOSED.labels("slow_consumer").inc()
+        log.warning("slow_consumer", user=self.user, timeout_s=self.channel.timeout_s)
+        await self.ws.close(CLOSE_SLOW_CONSUMER, "slow consumer")
 
     async def reply(self, message: ServerMessage) -> None:
         await self.send(encode_text(message))

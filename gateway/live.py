@@ -18,7 +18,7 @@ from protocol.messages import Error, encode_text
 from protocol.relay import SeqTracker, Verdict
 from store import keys
 from store.redis_store import CONNECTION_ERRORS, Redis, Store
-from store.tasks import spawn
+from store.tasks import cancel_all, spawn
 from gateway import metrics
 
 log = structlog.get_logger("gateway.live")
@@ -36,19 +36,18 @@ TERMINAL_TYPES = frozenset({"done", "cancelled", "error"})
 
 
 class LiveHub:
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Redis, idle_resync_s: float = 2.0) -> None:
         self._client = client
         self._watchers: dict[str, set[Relay]] = {}
         self._pubsub = client.pubsub(ignore_subscribe_messages=True)
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.idle_resync_s = idle_resync_s
 
     def start(self) -> None:
-        self._task = spawn(self._listen(), "live-hub")
+        self._tasks = [spawn(self._listen(), "live-hub"), spawn(self._sweep_idle(), "live-idle")]
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_all(self._tasks)
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def watch(self, relay: Relay) -> None:
@@ -76,13 +75,25 @@ class LiveHub:
     def watched(self) -> list[str]:
         return list(self._watchers)
 
+    async def _sweep_idle(self) -> None:
+        """A relay that heard nothing for a while re-reads its log: a lost push (pub/sub is
+        at-most-once) must not hang a stream. One sweep instead of a timer per wait."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.idle_resync_s / 2)
+            quiet_since = loop.time() - self.idle_resync_s
+            for watchers in list(self._watchers.values()):
+                for relay in watchers:
+                    if relay.last_heard < quiet_since:
+                        relay.resync()
+
     async def _listen(self) -> None:
         backoff = 0.05
         while True:
             try:
                 if not self._pubsub.subscribed:
                     await self._resubscribe()
-                message = await self._pubsub.get_message(timeout=1.0)
+                message = await self._pubsub.get_message(timeout=None)
                 backoff = 0.05
             except CONNECTION_ERRORS as exc:
                 log.warning("live_hub_retry", error=str(exc), backoff_s=backoff)
@@ -131,7 +142,6 @@ class Relay:
         after_seq: int,
         send: Send,
         max_inbox: int = 256,
-        idle_resync_s: float = 2.0,
     ) -> None:
         self.hub = hub
         self.store = store
@@ -140,9 +150,9 @@ class Relay:
         self._send = send
         self._inbox: deque[str] = deque()
         self._max_inbox = max_inbox
-        self._idle_resync_s = idle_resync_s
         self._wake = asyncio.Event()
         self._resync = True
+        self.last_heard = asyncio.get_running_loop().time()
 
     def push(self, frame: str) -> None:
         """Called by the hub. A full inbox means the client is behind: drop and re-read the
@@ -152,10 +162,12 @@ class Relay:
             self._resync = True
         else:
             self._inbox.append(frame)
+        self.last_heard = asyncio.get_running_loop().time()
         self._wake.set()
 
     def resync(self) -> None:
         self._resync = True
+        self.last_heard = asyncio.get_running_loop().time()
         self._wake.set()
 
     @property
@@ -175,11 +187,7 @@ class Relay:
                     continue
                 if not self._inbox:
                     self._wake.clear()
-                    try:
-                        async with asyncio.timeout(self._idle_resync_s):
-                            await self._wake.wait()
-                    except TimeoutError:
-                        self._resync = True  # quiet for long: a lost push must not hang the stream
+                    await self._wake.wait()
                     continue
                 await self._offer(self._inbox.popleft())
         finally:

@@ -91,11 +91,13 @@ class Gateway:
             ping_timeout=c.ping_timeout_s,
             close_timeout=c.close_timeout_s,
             max_queue=16,
+            compression=None,
         ) as server:
             self.server = server
             background = [
                 spawn(self._refresh_leases(), "leases", stop),
                 spawn(self._beat(), "beat", stop),
+                spawn(self._close_slow_clients(), "slow-clients", stop),
             ]
             log.info("gateway_listening", host=c.host, port=self.port)
             if ready is not None:
@@ -155,6 +157,19 @@ class Gateway:
             response.headers["Content-Type"] = "text/html; charset=utf-8"
             return response
         return ws.respond(HTTPStatus.NOT_FOUND, "not found\n")
+
+    async def _close_slow_clients(self) -> None:
+        """One sweep for all connections instead of a timer per frame sent."""
+        period = min(1.0, self.config.slow_client_timeout_s / 4)
+        slow: set[asyncio.Task[None]] = set()
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                if conn.channel.stalled(now) and not conn.channel.closed_slow:
+                    task = spawn(conn.close_slow(), "close-slow")
+                    slow.add(task)
+                    task.add_done_callback(slow.discard)
 
     async def _refresh_leases(self) -> None:
         """Keep the attach lease of every watched message alive (see detach grace)."""

@@ -146,10 +146,34 @@ async def flood_and_check(gw: Gateway, sock: socket.socket) -> None:
         assert (await bob.terminal(mid))["type"] == "done"
         assert_stream_ok(bob, mid)
         async with asyncio.timeout(t(20)):
-            while not any(conn.slow for conn in gw.connections) and len(gw.connections) > 1:
+            while not any(conn.channel.closed_slow for conn in gw.connections):
                 await asyncio.sleep(0.05)
-            while len(gw.connections) > 1:
-                await asyncio.sleep(0.05)
+    assert close_code_in(await read_until_eof(sock)) == 4008
+
+
+async def read_until_eof(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    async with asyncio.timeout(t(20)):
+        while chunk := await loop.sock_recv(sock, 65536):
+            data += chunk
+    return bytes(data)
+
+
+def close_code_in(stream: bytes) -> int | None:
+    """Walk the server's (unmasked) frames after the HTTP response; the close frame's code."""
+    pos = stream.index(b"\r\n\r\n") + 4
+    while pos + 2 <= len(stream):
+        opcode, length = stream[pos] & 0x0F, stream[pos + 1] & 0x7F
+        pos += 2
+        if length == 126:
+            length, pos = int.from_bytes(stream[pos : pos + 2], "big"), pos + 2
+        elif length == 127:
+            length, pos = int.from_bytes(stream[pos : pos + 8], "big"), pos + 8
+        if opcode == 0x8:
+            return int.from_bytes(stream[pos : pos + 2], "big")
+        pos += length
+    return None
 
 
 @pytest.mark.parametrize("text", ["x" * 20])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -58,7 +59,16 @@ class StuckWriter:
         await asyncio.Event().wait()
 
 
-async def test_a_client_that_does_not_read_raises_slow_consumer() -> None:
-    channel = SendChannel(StuckWriter(), timeout_s=0.05)
+async def test_a_send_that_stays_blocked_is_reported_stalled_after_the_timeout() -> None:
+    channel = SendChannel(StuckWriter(), timeout_s=5.0)
+    sending = asyncio.create_task(channel.send("x"))
+    await asyncio.sleep(0)
+    now = time.monotonic()
+    assert not channel.stalled(now)
+    assert channel.stalled(now + 5.1)
+    channel.closed_slow = True
+    sending.cancel()
+    await asyncio.gather(sending, return_exceptions=True)
+    assert not channel.stalled(now + 5.1)
     with pytest.raises(SlowConsumer):
-        await channel.send("x")
+        await channel.send("y")

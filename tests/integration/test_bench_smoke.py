@@ -1,0 +1,65 @@
+"""The benchmarks run end to end (`python -m bench NAME --quick --json PATH`).
+
+Only that they run and report every figure: speed targets live in the benchmarks, not in
+tests. Each starts its own Redis, gateways, workers and client processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import REPO, t
+
+
+def run_bench(name: str, tmp_path: Path, timeout_s: float = 90.0) -> dict[str, Any]:
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", name, "--quick", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=t(timeout_s),
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert name in proc.stdout  # the table was printed
+    data: dict[str, Any] = json.loads(out.read_text())
+    assert data["errors"] == {}
+    assert data["quick"] is True
+    figures: dict[str, Any] = data[name]
+    return figures
+
+
+def number(value: Any) -> float:
+    assert isinstance(value, (int, float)) and not isinstance(value, bool), value
+    assert math.isfinite(value), value
+    return float(value)
+
+
+@pytest.mark.llama
+def test_relay_overhead_quick(tmp_path: Path) -> None:
+    figures = run_bench("relay_overhead", tmp_path)
+    for key in ("direct_tokens_per_s", "system_tokens_per_s", "relay_cost_pct",
+                "direct_first_token_ms", "system_first_chunk_ms", "system_tokens_median"):
+        number(figures[key])
+    assert number(figures["direct_tokens_per_s"]) > 0
+    assert number(figures["system_tokens_per_s"]) > 0
+    assert figures["system_messages"]
+    for message in figures["system_messages"]:
+        assert message["terminal"] == "done"
+        assert number(message["tokens"]) > 0
+
+
+def test_cancel_latency_quick(tmp_path: Path) -> None:
+    figures = run_bench("cancel_latency", tmp_path)
+    for mode in ("push", "poll"):
+        for window in ("idle", "moderate", "heavy"):
+            result = figures[mode][window]
+            for key in ("p50_ms", "p95_ms", "p99_ms", "max_ms", "commands_per_token", "exists_per_token"):
+                number(result[key])
+            assert result["n"] > 0
+            assert number(result["commands_per_token"]) > 0
+        assert number(figures[mode]["heavy"]["load_gaps"]["p99"]) > 0
