@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -93,7 +94,7 @@ class Store:
         self._cancel = client.register_script(scripts.CANCEL)
         self._claim = client.register_script(scripts.CLAIM)
         self._takeover = client.register_script(scripts.TAKEOVER)
-        self._append = client.register_script(scripts.APPEND)
+        self._append_sha = hashlib.sha1(scripts.APPEND.encode()).hexdigest()
         self._finish = client.register_script(scripts.FINISH)
 
     async def ping(self) -> bool:
@@ -229,13 +230,21 @@ class Store:
             )
         return (int(attempt), int(last_seq)) if _s(outcome) == "run" else None
 
-    async def append_in(
-        self, pipe: Any, message_id: str, worker_id: str, attempt: int, seq: int, frame: str
-    ) -> None:
-        """Queue a fenced chunk write on a pipeline (the worker batches chunks of all jobs)."""
-        await self._append(
-            keys=[keys.meta(message_id), keys.log(message_id)],
-            args=[
+    async def load_append_script(self) -> None:
+        """Load APPEND once, so pipelines send bare EVALSHA (redis-py's registered scripts
+        cost a SCRIPT EXISTS round trip on every pipeline execution)."""
+        async with guarded():
+            await self.redis.script_load(scripts.APPEND)
+
+    def append_in(self, pipe: Any, message_id: str, worker_id: str, attempt: int, seq: int, frame: str) -> None:
+        """Queue a fenced chunk write on a pipeline (the worker batches chunks of all jobs).
+        A NOSCRIPT reply means Redis lost its scripts: `load_append_script`, then retry."""
+        pipe.evalsha(
+            self._append_sha,
+            2,
+            keys.meta(message_id),
+            keys.log(message_id),
+            *[
                 worker_id,
                 attempt,
                 seq,
@@ -244,7 +253,6 @@ class Store:
                 self.lifetimes.log_maxlen,
                 self.lifetimes.message_ttl_s,
             ],
-            client=pipe,
         )
 
     async def finish(

@@ -92,6 +92,7 @@ class Worker:
             await engine.start()
             self._engines.put_nowait(engine)
         await retry(self.ensure_group, "xgroup_create")
+        await retry(self.store.load_append_script, "script_load")
         self.writer.start()
         reaper = Reaper(self)
         background = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+import redis.exceptions
 import structlog
 
 from store import Unavailable
@@ -64,25 +65,37 @@ class ChunkWriter:
                 await self._write(batch)
 
     async def _write(self, batch: list[_Append]) -> None:
-        """Write a batch; while Redis is unreachable, retry with backoff (order is kept)."""
+        """Write a batch in order. While Redis is unreachable, retry with backoff; entries
+        refused with NOSCRIPT (Redis restarted) are retried once the script is loaded again."""
         backoff = 0.05
-        while True:
+        while batch:
             try:
                 async with self._store.redis.pipeline(transaction=False) as pipe:
                     for item in batch:
-                        await self._store.append_in(
+                        self._store.append_in(
                             pipe, item.message_id, self._worker_id, item.attempt, item.seq, item.frame
                         )
                     results = await pipe.execute(raise_on_error=False)
-                break
             except CONNECTION_ERRORS as exc:
                 log.warning("chunk_write_retry", error=str(exc), chunks=len(batch), backoff_s=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
-        for item, result in zip(batch, results):
-            if item.done.done():
                 continue
-            if isinstance(result, Exception):
-                item.done.set_exception(result)
-            else:
-                item.done.set_result(bool(result))
+            retry: list[_Append] = []
+            for item, result in zip(batch, results):
+                if isinstance(result, redis.exceptions.NoScriptError):
+                    retry.append(item)
+                elif item.done.done():
+                    continue
+                elif isinstance(result, Exception):
+                    item.done.set_exception(result)
+                else:
+                    item.done.set_result(bool(result))
+            if retry:
+                try:
+                    await self._store.load_append_script()
+                except Unavailable as exc:
+                    log.warning("script_load_retry", error=str(exc), backoff_s=backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
+            batch = retry

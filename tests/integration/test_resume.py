@@ -188,3 +188,19 @@ async def test_redis_unreachable_chat_answers_unavailable_and_heartbeats_continu
         assert time.monotonic() - started < t(3)
         assert (await a.request(type="heartbeat", ts=1.0))["type"] == "heartbeat_ack"
         assert (await a.request(type="cancel", message_id="m1"))["code"] == "unavailable"
+
+
+async def test_scripts_flushed_mid_stream_the_stream_continues(redis_url: str) -> None:
+    import redis.asyncio as aioredis
+
+    async with gateway(redis_url) as gw, worker(redis_url, slow(100.0)), client(gw.port, "alice") as a:
+        mid = await a.chat("s", max_tokens=100)
+        await a.wait_for(lambda f: f["type"] == "chunk" and f["seq"] >= 5)
+        admin = aioredis.Redis.from_url(redis_url)
+        try:
+            await admin.script_flush()
+        finally:
+            await admin.aclose()
+        assert (await a.terminal(mid))["type"] == "done"
+        assert_stream_ok(a, mid)
+        assert len(a.text(mid).split()) == 100
