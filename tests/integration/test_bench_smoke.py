@@ -62,4 +62,6 @@ def test_cancel_latency_quick(tmp_path: Path) -> None:
                 number(result[key])
             assert result["n"] > 0
             assert number(result["commands_per_token"]) > 0
-        assert number(figures[mode]["heavy"]["load_gaps"]["p99"]) > 0
+        for window in ("moderate", "heavy"):
+            assert number(figures[mode][window]["load_gaps"]["p99"]) > 0
+            assert number(figures[mode][window]["streaming_commands_per_token"]) > 0

@@ -1,0 +1,418 @@
+"""The processes a benchmark runs: an embedded Redis, gateways, workers and client processes.
+
+Everything is a real OS process, started the way an operator starts it (`python -m gateway`,
+`python -m worker`), with its output in a log file under a temporary directory (kept when a
+benchmark fails, or always with TOKENRELAY_BENCH_KEEP_LOGS=1). `Cluster` is
+an async context manager: leaving it (normally, on an error or on Ctrl-C) stops every process
+it started, client processes first, then workers, gateways and Redis.
+
+Client processes (`python -m bench.clients MODE CONFIG`) talk to the benchmark over pipes:
+one line per event on stdout, `TAG {json}`; commands as lines on stdin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis as sync_redis
+
+from store import embedded, keys
+
+REPO = Path(__file__).resolve().parent.parent
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not run (a process died, a client timed out)."""
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process, from /proc/PID/status (VmRSS, KiB)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (/proc/PID/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+@dataclass
+class Server:
+    """One gateway, worker or Redis process."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path | None = None
+    port: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGCONT)
+        self.popen.terminate()
+        try:
+            self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+    def log_tail(self, chars: int = 2000) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+class ClientProc:
+    """A client process (`bench.clients`), driven line by line over its stdin/stdout."""
+
+    def __init__(self, mode: str, proc: asyncio.subprocess.Process, log_path: Path) -> None:
+        self.mode = mode
+        self.proc = proc
+        self.log_path = log_path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        await self.proc.stdin.drain()
+
+    async def expect(self, tag: str, timeout_s: float) -> dict[str, Any]:
+        """The payload of the next `tag` line (other lines are skipped)."""
+        assert self.proc.stdout is not None
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    raw = await self.proc.stdout.readline()
+                    if not raw:
+                        await self.proc.wait()
+                        raise BenchError(
+                            f"{self.mode} client exited ({self.proc.returncode}) before '{tag}':\n"
+                            + self.log_path.read_text(errors="replace")[-3000:]
+                        )
+                    got, _, payload = raw.decode().strip().partition(" ")
+                    if got == tag:
+                        result: dict[str, Any] = json.loads(payload or "{}")
+                        return result
+        except TimeoutError:
+            raise BenchError(f"{self.mode} client: no '{tag}' within {timeout_s:.0f} s") from None
+
+    async def request(self, command: str, tag: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        await self.send(command)
+        return await self.expect(tag, timeout_s)
+
+    async def finish(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Ask the client to stop; its final `result`."""
+        await self.send("stop")
+        result = await self.expect("result", timeout_s)
+        await self.wait(10.0)
+        return result
+
+    async def wait(self, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout_s)
+        except TimeoutError:
+            self.kill()
+            await self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+
+
+@dataclass
+class Cluster:
+    """Redis plus gateway, worker and client processes; see the module docstring."""
+
+    name: str
+    keep_logs: bool = field(default_factory=lambda: bool(os.environ.get("TOKENRELAY_BENCH_KEEP_LOGS")))
+    tmp: Path = field(init=False)
+    redis: Server = field(init=False)
+    redis_url: str = field(init=False)
+    gateways: list[Server] = field(default_factory=list)
+    workers: list[Server] = field(default_factory=list)
+    clients: list[ClientProc] = field(default_factory=list)
+    gateways_started: int = 0
+    workers_started: int = 0
+
+    async def __aenter__(self) -> Cluster:
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"tokenrelay-bench-{self.name}-"))
+        port = embedded.free_port()
+        proc, log_path = await asyncio.to_thread(_start_redis, port, self.tmp)
+        self.redis = Server("redis", proc, log_path, port)
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        await self.close(failed=exc_type is not None)
+
+    async def close(self, failed: bool = False) -> None:
+        for client in self.clients:
+            client.kill()
+        for client in self.clients:
+            await client.wait(5.0)
+        self.clients.clear()
+        await asyncio.gather(*(asyncio.to_thread(s.stop) for s in self.workers + self.gateways))
+        await asyncio.to_thread(self.redis.stop)
+        if failed or self.keep_logs:
+            print(f"[bench] {self.name}: process logs kept in {self.tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # --- servers ------------------------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, REDIS_URL=self.redis_url, PYTHONUNBUFFERED="1")
+
+    def _spawn(self, name: str, argv: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
+        log_path = self.tmp / f"{name}.log"
+        with log_path.open("ab") as log:
+            popen = subprocess.Popen(
+                [sys.executable, *argv], cwd=REPO, env=self.env(), stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        return popen, log_path
+
+    def add_gateway(self, *extra: str) -> Server:
+        port = embedded.free_port()
+        name = f"gateway-{self.gateways_started}"
+        self.gateways_started += 1
+        popen, log_path = self._spawn(
+            name,
+            ["-m", "gateway", "--host", "127.0.0.1", "--port", str(port), "--redis-url", self.redis_url, *extra],
+        )
+        server = Server(name, popen, log_path, port)
+        self.gateways.append(server)
+        return server
+
+    def add_worker(self, *extra: str) -> Server:
+        name = f"worker-{self.workers_started}"
+        self.workers_started += 1
+        popen, log_path = self._spawn(
+            name, ["-m", "worker", "--redis-url", self.redis_url, "--drain-timeout", "1", *extra]
+        )
+        server = Server(name, popen, log_path)
+        self.workers.append(server)
+        return server
+
+    async def stop_gateway(self, gateway: Server) -> None:
+        await asyncio.to_thread(gateway.stop)
+        self.gateways.remove(gateway)
+
+    async def stop_workers(self) -> None:
+        await asyncio.gather(*(asyncio.to_thread(w.stop) for w in self.workers))
+        self.workers.clear()
+
+    async def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Every gateway answers /healthz and every worker has registered itself."""
+        deadline = time.monotonic() + timeout_s
+        client = self.redis_client()
+        try:
+            while True:
+                self.check_alive()
+                healthy = all([await asyncio.to_thread(_healthz, g.port or 0) for g in self.gateways])
+                registered = {_text(k) for k in client.keys(keys.INSTANCE_PREFIX + "worker:*")}
+                workers_up = all(any(f"-{w.pid}-" in k for k in registered) for w in self.workers)
+                if healthy and workers_up:
+                    return
+                if time.monotonic() > deadline:
+                    raise BenchError(f"cluster not ready within {timeout_s:.0f} s\n{self.logs()}")
+                await asyncio.sleep(0.1)
+        finally:
+            client.close()
+
+    def check_alive(self) -> None:
+        for server in [self.redis, *self.gateways, *self.workers]:
+            if not server.alive():
+                raise BenchError(f"{server.name} exited with {server.popen.returncode}\n{server.log_tail()}")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {s.name}\n{s.log_tail()}" for s in self.gateways + self.workers)
+
+    # --- Redis --------------------------------------------------------------------------
+
+    def redis_client(self) -> sync_redis.Redis:
+        return sync_redis.Redis.from_url(self.redis_url, socket_timeout=10)
+
+    def command_calls(self) -> dict[str, int]:
+        """Calls per command Redis has executed so far (INFO commandstats; commands that Lua
+        scripts run are counted too). Sum the values for the total."""
+        client = self.redis_client()
+        try:
+            stats: dict[str, Any] = client.info("commandstats")
+        finally:
+            client.close()
+        return {
+            name.removeprefix("cmdstat_"): int(v["calls"])
+            for name, v in stats.items()
+            if isinstance(v, dict) and "calls" in v
+        }
+
+    async def wait_workers_idle(self, timeout_s: float = 20.0) -> bool:
+        """True once no job is queued or running (per the workers' instance records)."""
+        client = self.redis_client()
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                queued = int(client.get(keys.QUEUED_COUNTER) or 0)
+                active = 0
+                for key in client.keys(keys.INSTANCE_PREFIX + "worker:*"):
+                    active += int(client.hget(key, "active") or 0)
+                if queued <= 0 and active == 0:
+                    return True
+                await asyncio.sleep(0.5)
+            return False
+        finally:
+            client.close()
+
+    # --- clients ------------------------------------------------------------------------
+
+    async def client(self, mode: str, config: dict[str, Any]) -> ClientProc:
+        log_path = self.tmp / f"client-{mode}-{len(self.clients)}.log"
+        with log_path.open("ab") as log:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bench.clients", mode, json.dumps(config),
+                cwd=REPO, env=self.env(), stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=log,
+            )
+        client = ClientProc(mode, proc, log_path)
+        self.clients.append(client)
+        return client
+
+    def pids(self) -> dict[str, int]:
+        """Name → pid of every server process (for CPU accounting)."""
+        named = {s.name: s.pid for s in [self.redis, *self.gateways, *self.workers]}
+        named.update({f"client-{c.mode}-{i}": c.pid for i, c in enumerate(self.clients) if c.proc.returncode is None})
+        return named
+
+
+class CpuMeter:
+    """CPU use of a set of processes over a window, in % of one core.
+
+    `read` adds `others`: what every other process on the machine used meanwhile (from
+    /proc/stat), since a shared machine's background load weighs on every figure."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.started = time.monotonic()
+        self.machine_before = _machine_ticks()
+        self.before = {name: _cpu_or_zero(pid) for name, pid in pids.items()}
+
+    def read(self) -> dict[str, float]:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        ours = {
+            name: round(100.0 * (_cpu_or_zero(pid) - self.before[name]) / elapsed, 1)
+            for name, pid in self.pids.items()
+        }
+        total, idle = (after - before for after, before in zip(_machine_ticks(), self.machine_before))
+        busy = 100.0 * (total - idle) / total * (os.cpu_count() or 1) if total else 0.0
+        ours["others"] = round(max(0.0, busy - sum(ours.values())), 1)
+        return ours
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """(all, idle + iowait) jiffies of every CPU so far (/proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(values), values[3] + values[4]
+
+
+def cpu_groups(cpu_percent: dict[str, float]) -> dict[str, float]:
+    """CPU % by kind of process: gateway, worker, redis, client, others."""
+    groups: dict[str, float] = {}
+    for name, pct in cpu_percent.items():
+        group = "client" if name.startswith("client") else name.split("-")[0]
+        groups[group] = round(groups.get(group, 0.0) + pct, 1)
+    return groups
+
+
+def cpu_summary(cpu_percent: dict[str, float]) -> str:
+    groups = cpu_groups(cpu_percent)
+    return ", ".join(f"{g} {p:.0f}%" for g, p in sorted(groups.items(), key=lambda kv: (kv[0] == "others", -kv[1])))
+
+
+def _cpu_or_zero(pid: int) -> float:
+    try:
+        return cpu_seconds(pid)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _start_redis(port: int, tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """`store.embedded.start`, with the server's output in a log file instead of ours."""
+    directory = tmp / "redis"
+    directory.mkdir(parents=True, exist_ok=True)
+    log_path = tmp / "redis.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(embedded.server_command(port, directory), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        embedded.wait_ready(port, proc=proc)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, log_path
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _healthz(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1.0) as response:
+            return bool(response.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+# --- results ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the summary table: a figure beside what it is compared with."""
+
+    bench: str
+    measure: str
+    value: str
+    compared: str = ""
+    goal: str = ""
+    met: bool | None = None
+
+
+Figures = dict[str, Any]
+
+
+def progress(text: str) -> None:
+    """A progress line on stderr (the table goes to stdout)."""
+    print(f"[bench] {text}", file=sys.stderr, flush=True)

@@ -1,0 +1,142 @@
+"""What the relay costs: the built-in llama model through the whole system vs called directly.
+
+Direct: `bench.engine_direct.measure_direct` (LlamaEngine in this process). System: one
+gateway and one `--engine llama` worker; a client process sends the same prompts ("tell me
+story number N"), each in a fresh session, one after another, after one warm-up message that
+is not counted. The two alternate in rounds (engine alone, then the system), so background
+load on the machine weighs on both sides alike.
+
+The built-in model may end an answer early (EOS: `finish_reason: stop`), so both sides are
+compared per token, not per message: the direct side counts the tokens the engine generated;
+through the system, an answer that ended with `length` has exactly `max_tokens` tokens and one
+that ended with `stop` is re-tokenized with the model's own vocabulary (the count can differ
+from the generated one by a token or so). Rates are medians over the messages.
+
+System time per message runs from sending `chat` to receiving the terminal event on the client
+(submit, queue, claim, history read, prompt, generation, chunk writes, relay, terminal write);
+direct time from calling `generate` to its end. Time to first chunk (client) is compared with
+the engine's time to first token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import statistics
+import time
+from typing import Any
+
+from bench.cluster import Cluster, CpuMeter, Figures, Row, cpu_summary, progress
+from bench.engine_direct import measure_direct
+
+NAME = "relay_overhead"
+GOAL_PCT = 5.0
+
+
+def _tokenizer() -> Any:
+    import llama_cpp
+
+    from worker.model import ensure_builtin_model
+
+    # A vocabulary-only load warns that the context exceeds the (absent) training context.
+    logging.getLogger("tokenrelay.llama_cpp").setLevel(logging.ERROR)
+    return llama_cpp.Llama(model_path=str(ensure_builtin_model()), vocab_only=True, verbose=False)
+
+
+def _count_tokens(messages: list[dict[str, Any]], max_tokens: int) -> None:
+    vocab = _tokenizer()
+    try:
+        for message in messages:
+            if message.get("finish_reason") == "length":
+                message["tokens"] = max_tokens
+                message["tokens_exact"] = True
+            else:
+                text = str(message.get("text", ""))
+                message["tokens"] = len(vocab.tokenize(text.encode(), add_bos=False, special=False)) if text else 0
+                message["tokens_exact"] = False
+    finally:
+        vocab.close()
+
+
+async def _interleaved(tokens: int, rounds: int, per_round: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, float]]:
+    """Rounds of (engine alone, then the same prompts through the system), so that both
+    sides see the same background load of the machine."""
+    directs: list[dict[str, Any]] = []
+    messages: list[dict[str, Any]] = []
+    async with Cluster(NAME) as cluster:
+        gateway = cluster.add_gateway()
+        cluster.add_worker("--engine", "llama")
+        await cluster.wait_ready()
+        client = await cluster.client("relay", {"port": gateway.port})
+        await client.expect("ready", timeout_s=60)
+        await client.request(f"send {json.dumps({'prompt': 'warm up please', 'max_tokens': tokens})}", "message", 120)
+        cpu_s = 0.0
+        cpu: dict[str, float] = {}
+        for _ in range(rounds):
+            directs.append(await asyncio.to_thread(measure_direct, tokens, per_round, 1))
+            meter = CpuMeter(cluster.pids())
+            begun = time.monotonic()
+            for run in range(per_round):
+                request = {"prompt": f"tell me story number {run}", "max_tokens": tokens}
+                messages.append(await client.request(f"send {json.dumps(request)}", "message", 120))
+            spent = time.monotonic() - begun
+            for name, pct in meter.read().items():
+                cpu[name] = cpu.get(name, 0.0) + pct * spent
+            cpu_s += spent
+        await client.finish(30)
+    return directs, messages, {name: round(total / cpu_s, 1) for name, total in cpu.items()}
+
+
+def run(quick: bool = False) -> tuple[Figures, list[Row]]:
+    tokens, rounds, per_round = (60, 1, 2) if quick else (500, 8, 2)
+    runs = rounds * per_round
+    progress(f"{NAME}: {rounds} rounds of {per_round} × {tokens} tokens, engine alone then through "
+             "gateway → Redis → worker → gateway")
+    directs, messages, cpu_use = asyncio.run(_interleaved(tokens, rounds, per_round))
+    bad = [m for m in messages if m.get("terminal") != "done"]
+    if bad:
+        raise RuntimeError(f"messages did not end with done: {[(m.get('terminal'), m.get('code')) for m in bad]}")
+    _count_tokens(messages, tokens)
+    for message in messages:
+        message["tokens_per_s"] = message["tokens"] / message["end_s"] if message["end_s"] > 0 else 0.0
+        message["words"] = len(str(message["text"]).split())
+        del message["text"]
+
+    direct_rates = [rate for d in directs for rate in d["tokens_per_s_runs"]]
+    direct_tps = statistics.median(direct_rates)
+    system_tps = statistics.median(m["tokens_per_s"] for m in messages)
+    cost_pct = (1.0 - system_tps / direct_tps) * 100.0
+    ttfc_ms = statistics.median(m["first_s"] for m in messages if m["first_s"] is not None) * 1000.0
+    ttft_ms = statistics.median(float(d["first_token_ms_median"]) for d in directs)
+    figures: Figures = {
+        "tokens": tokens,
+        "runs": runs,
+        "direct_tokens_per_s": direct_tps,
+        "direct_runs_tokens_per_s": direct_rates,
+        "direct_first_token_ms": ttft_ms,
+        "direct_cancel_decode_p50_ms": statistics.median(d["cancel_decode"]["p50_ms"] for d in directs),
+        "system_tokens_per_s": system_tps,
+        "system_first_chunk_ms": ttfc_ms,
+        "system_accepted_ms": statistics.median(m["accepted_s"] for m in messages) * 1000.0,
+        "system_tokens_median": statistics.median(m["tokens"] for m in messages),
+        "system_messages": messages,
+        "relay_cost_pct": cost_pct,
+        "first_chunk_overhead_ms": ttfc_ms - ttft_ms,
+        "system_cpu_percent": cpu_use,
+    }
+    finishes = ", ".join(sorted({str(m["finish_reason"]) for m in messages}))
+    rows = [
+        Row(NAME, f"tokens/s, {runs} msgs × ≤{tokens} tok (median)",
+            f"{system_tps:,.0f} through the system",
+            f"{direct_tps:,.0f} engine alone", "", None),
+        Row(NAME, "relay cost (per-token wall time)", f"{cost_pct:+.1f} %",
+            f"{1000 / system_tps:.3f} vs {1000 / direct_tps:.3f} ms/token",
+            f"< {GOAL_PCT:.0f} %", cost_pct < GOAL_PCT),
+        Row(NAME, "time to first chunk (median)", f"{ttfc_ms:.1f} ms at the client",
+            f"{ttft_ms:.1f} ms engine first token", "", None),
+        Row(NAME, "tokens per message (median)", f"{figures['system_tokens_median']:.0f}",
+            f"finish_reason: {finishes}", "", None),
+        Row(NAME, "CPU while relaying (% of one core)", cpu_summary(cpu_use), "of 200% (2 cores)", "", None),
+    ]
+    return figures, rows
