@@ -63,6 +63,7 @@ class Gateway:
         self.connections: set[Connection] = set()
         self.started = time.time()
         self.server: Server | None = None
+        self._port: int | None = None
         self._demo_page = resources.files("gateway").joinpath("static/index.html").read_text()
 
     def verify(self, token: str) -> str:
@@ -71,8 +72,9 @@ class Gateway:
 
     @property
     def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.sockets[0].getsockname()[1])
+        """The bound port (fixed once listening: the sockets list empties on close)."""
+        assert self._port is not None
+        return self._port
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         structlog.contextvars.bind_contextvars(gateway_id=self.id)
@@ -94,6 +96,7 @@ class Gateway:
             compression=None,
         ) as server:
             self.server = server
+            self._port = int(server.sockets[0].getsockname()[1])
             background = [
                 spawn(self._refresh_leases(), "leases", stop),
                 spawn(self._beat(), "beat", stop),

@@ -41,7 +41,10 @@ class _Pacer:
             self._waiter.set_result(None)
 
     async def sleep(self, delay: float) -> None:
-        if self.stopped or delay <= 0:
+        if self.stopped:
+            return
+        if delay <= 0:
+            await asyncio.sleep(0)  # overdue tokens still let the loop breathe
             return
         waiter = self._loop.create_future()
         self._waiter = waiter
