@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,24 @@ def is_stream_event(frame: dict[str, Any]) -> bool:
 
 def t(seconds: float) -> float:
     return seconds * SCALE
+
+
+POLL_INTERVAL_S = 0.05
+
+
+async def wait_until(
+    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, interval: float = POLL_INTERVAL_S
+) -> None:
+    """Poll a condition that no event announces (a process's state, an HTTP status, a log
+    file), with a deadline; TimeoutError if it never holds."""
+    async with asyncio.timeout(t(timeout)):
+        while True:
+            result = condition()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(interval)
 
 
 class Client:
@@ -250,16 +268,17 @@ class ProcessCluster:
 
         from store import keys
 
-        async with asyncio.timeout(t(timeout)):
-            for proc in self.gateways:
-                while not await http_ok(proc.port or 0, "/healthz"):
-                    await asyncio.sleep(0.05)
-            r = aioredis.Redis.from_url(self.redis_url)
-            try:
-                while len(await r.keys(keys.INSTANCE_PREFIX + "worker:*")) < len(self.workers):
-                    await asyncio.sleep(0.05)
-            finally:
-                await r.aclose()
+        for proc in self.gateways:
+            await wait_until(lambda: http_ok(proc.port or 0, "/healthz"), timeout)
+        r = aioredis.Redis.from_url(self.redis_url)
+
+        async def workers_registered() -> bool:
+            return len(await r.keys(keys.INSTANCE_PREFIX + "worker:*")) >= len(self.workers)
+
+        try:
+            await wait_until(workers_registered, timeout)
+        finally:
+            await r.aclose()
 
     def stop(self) -> None:
         for proc in self.procs:

@@ -11,7 +11,6 @@ import contextlib
 import itertools
 import random
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +22,7 @@ from tests.support import (
     assert_stream_ok,
     client,
     http_get,
-    t,
+    wait_until,
 )
 
 GRACE_S = 3
@@ -100,9 +99,10 @@ async def test_cancel_after_completion_is_already_completed_then_not_found(clust
         assert (await a.terminal(mid))["type"] == "done"
         assert (await b.cancel(message_id=mid))["status"] == "already_completed"
         assert (await b.cancel(session_id="s"))["status"] == "already_completed"
-        async with asyncio.timeout(t(GRACE_S + 10)):
-            while (await b.cancel(message_id=mid))["status"] != "not_found":
-                await asyncio.sleep(0.2)
+        async def forgotten() -> bool:
+            return bool((await b.cancel(message_id=mid))["status"] == "not_found")
+
+        await wait_until(forgotten, timeout=GRACE_S + 10, interval=0.2)
         assert [f["type"] for f in a.events(mid) if f["type"] in TERMINALS] == ["done"]
 
 

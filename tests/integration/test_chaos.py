@@ -6,18 +6,28 @@ seq. Each test runs on its own Redis (append-only, fsync always) so it can kill 
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as sync_redis
 
 from store import embedded, keys
-from tests.support import TERMINALS, Client, ProcessCluster, Proc, assert_stream_ok, client, http_get, t
+from tests.support import (
+    TERMINALS,
+    Client,
+    ProcessCluster,
+    Proc,
+    assert_stream_ok,
+    client,
+    http_get,
+    t,
+    wait_until,
+)
 
 pytestmark = pytest.mark.chaos
 
@@ -80,6 +90,10 @@ async def start(cluster: ProcessCluster, gateways: int, workers: int, rate: floa
     return started
 
 
+async def health_is(port: int, status: int) -> bool:
+    return (await http_get(port, "/healthz"))[0] == status
+
+
 async def streaming(c: Client, mid: str, min_seq: int = 3) -> None:
     await c.wait_for(lambda f: f["type"] == "chunk" and f["message_id"] == mid and f["seq"] >= min_seq)
 
@@ -117,9 +131,7 @@ async def test_worker_paused_past_liveness_then_resumed_cannot_corrupt_the_strea
         end = await a.terminal(mid, timeout=15)
         assert end["type"] == "error" and end["code"] == "worker_lost"
         paused.signal(signal.SIGCONT)
-        async with asyncio.timeout(t(10)):
-            while '"job_lost"' not in paused.log_path.read_text():
-                await asyncio.sleep(0.05)
+        await wait_until(lambda: '"job_lost"' in paused.log_path.read_text())
         resumed = await a.chat("s2", max_tokens=5)
         await a.terminal(resumed)
         assert_stream_ok(a, mid)
@@ -190,26 +202,23 @@ async def test_redis_killed_and_restarted(chaos_cluster: ProcessCluster, private
         mid = await a.chat("s", max_tokens=300)
         await streaming(a, mid)
         private_redis.kill()
-        async with asyncio.timeout(t(10)):
-            while (await http_get(port, "/healthz"))[0] != 503:
-                await asyncio.sleep(0.05)
+        await wait_until(lambda: health_is(port, 503))
         started = time.monotonic()
         refused = await a.request(type="chat", session_id="s2", text="x", request_id="r")
         assert refused["code"] == "unavailable" and time.monotonic() - started < t(3)
         assert (await a.request(type="heartbeat", ts=2.0))["type"] == "heartbeat_ack"
         private_redis.start()
         restarted = time.monotonic()
-        async with asyncio.timeout(t(15)):
-            while (await http_get(port, "/healthz"))[0] != 200:
-                await asyncio.sleep(0.05)
+        await wait_until(lambda: health_is(port, 200), timeout=15)
         healthy_after = time.monotonic() - restarted
-        async with asyncio.timeout(t(20)):
-            while True:
-                reply = await a.request(type="chat", session_id="s3", text="x", max_tokens=5)
-                if reply["type"] == "accepted":
-                    break
-                await asyncio.sleep(0.1)
-        assert (await a.terminal(reply["message_id"], timeout=20))["type"] == "done"
+        replies: list[dict[str, Any]] = []
+
+        async def chat_accepted() -> bool:
+            replies.append(await a.request(type="chat", session_id="s3", text="x", max_tokens=5))
+            return bool(replies[-1]["type"] == "accepted")
+
+        await wait_until(chat_accepted, timeout=20)
+        assert (await a.terminal(replies[-1]["message_id"], timeout=20))["type"] == "done"
         end = await a.terminal(mid, timeout=30)
         assert end["type"] in TERMINALS
         assert_stream_ok(a, mid)
@@ -227,11 +236,12 @@ async def test_poison_job_goes_to_dead_letter_after_three_deliveries(
         await cluster.wait_healthy()
         async with client(gw.port or 0, "alice") as a:
             mid = await a.chat("s", "poison", max_tokens=10)
-            async with asyncio.timeout(t(60)):
-                while not any(f["type"] in TERMINALS for f in a.events(mid)):
-                    if all(p.popen is None or p.popen.poll() is not None for p in cluster.workers):
-                        cluster.add_worker(*synthetic())
-                    await asyncio.sleep(0.1)
+            def ended_or_replace_dead_worker() -> bool:
+                if all(p.popen is None or p.popen.poll() is not None for p in cluster.workers):
+                    cluster.add_worker(*synthetic())
+                return any(f["type"] in TERMINALS for f in a.events(mid))
+
+            await wait_until(ended_or_replace_dead_worker, timeout=60)
             end = a.events(mid)[-1]
             assert end["type"] == "error" and end["code"] == "worker_lost" and end["seq"] == 0
             dead = private_redis.client().xrange(keys.DEAD_STREAM)

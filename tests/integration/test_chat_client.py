@@ -24,7 +24,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from protocol.auth import mint_token
-from tests.support import REPO, client, gateway, http_get, t, worker
+from tests.support import REPO, client, gateway, http_get, t, wait_until, worker
 from worker.engines.synthetic import WORDS, SyntheticEngine
 
 WORD_RE = re.compile(r"\b(?:" + "|".join(WORDS) + r")\b")
@@ -218,10 +218,11 @@ class Browser:
         return result["result"].get("value")
 
     async def until(self, expression: str, timeout: float = 15.0) -> None:
+        async def holds() -> bool:
+            return bool(await self.js(f"!!({expression})"))
+
         try:
-            async with asyncio.timeout(t(timeout)):
-                while not await self.js(f"!!({expression})"):
-                    await asyncio.sleep(0.05)
+            await wait_until(holds, timeout)
         except TimeoutError:
             body = await self.js("document.body.innerText")
             raise AssertionError(f"timed out waiting for {expression}; page: {body}") from None
@@ -237,9 +238,7 @@ async def browser() -> AsyncIterator[Browser]:
         )
         try:
             port_file = Path(profile) / "DevToolsActivePort"
-            async with asyncio.timeout(t(30)):
-                while not port_file.exists() or "\n" not in port_file.read_text():
-                    await asyncio.sleep(0.05)
+            await wait_until(lambda: port_file.exists() and "\n" in port_file.read_text(), timeout=30)
             port = port_file.read_text().split()[0]
             listing = await asyncio.to_thread(
                 lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -201,17 +200,14 @@ async def test_closed_connection_raises_nothing_for_other_clients(redis_url: str
 
 async def test_connection_that_misses_its_pings_is_closed_and_counted(redis_url: str) -> None:
     from gateway import metrics
-    from tests.support import raw_client_that_never_reads
+    from tests.support import raw_client_that_never_reads, wait_until
 
     before = metrics.CLOSED.labels("ping_timeout")._value.get()
     async with gateway(redis_url, ping_interval_s=0.2, ping_timeout_s=0.2, close_timeout_s=0.2) as gw:
         sock = await raw_client_that_never_reads(gw.port)
         try:
-            async with asyncio.timeout(t(10)):
-                while not gw.connections:
-                    await asyncio.sleep(0.01)
-                while gw.connections:
-                    await asyncio.sleep(0.05)
+            await wait_until(lambda: bool(gw.connections))
+            await wait_until(lambda: not gw.connections)
         finally:
             sock.close()
     assert metrics.CLOSED.labels("ping_timeout")._value.get() == before + 1

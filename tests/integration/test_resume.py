@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,7 @@ from tests.support import (
     masked_text_frame,
     raw_client_that_never_reads,
     t,
+    wait_until,
     worker,
 )
 from worker.engines.synthetic import SyntheticEngine
@@ -83,14 +85,16 @@ async def test_orphaned_generation_is_cancelled_after_the_detach_grace(redis_url
             await a.wait_for(lambda f: f["type"] == "chunk")
         closed_at = time.monotonic()
         async with client(gw.port, "alice") as b:
-            async with asyncio.timeout(t(10)):
-                while True:
-                    turns = (await b.request(type="history", session_id="s"))["turns"]
-                    if turns[-1]["status"] == "cancelled":
-                        break
-                    await asyncio.sleep(0.05)
+            turns: list[dict[str, Any]] = []
+
+            async def cancelled_in_history() -> bool:
+                turns[:] = (await b.request(type="history", session_id="s"))["turns"]
+                return bool(turns[-1]["status"] == "cancelled")
+
+            await wait_until(cancelled_in_history)
         waited = time.monotonic() - closed_at
         assert 0.4 <= waited < t(5), waited
+        assert turns[-1]["message_id"] == mid
         assert turns[-1]["text"], "the partial answer is kept"
         assert not w.running
 
@@ -117,9 +121,10 @@ async def test_backlog_over_the_limit_answers_overloaded(redis_url: str) -> None
         error = await a.request(type="chat", session_id="s3", text="x", request_id="r3")
         assert error == {"type": "error", "code": "overloaded", "message": error["message"], "request_id": "r3"}
         async with worker(redis_url):
-            async with asyncio.timeout(t(10)):
-                while (await a.request(type="chat", session_id="s4", text="y"))["type"] != "accepted":
-                    await asyncio.sleep(0.05)
+            async def accepted_again() -> bool:
+                return bool((await a.request(type="chat", session_id="s4", text="y"))["type"] == "accepted")
+
+            await wait_until(accepted_again)
 
 
 async def test_client_that_never_reads_is_closed_4008_and_others_keep_streaming(redis_url: str) -> None:
@@ -145,9 +150,7 @@ async def flood_and_check(gw: Gateway, sock: socket.socket) -> None:
         mid = await bob.chat("b", max_tokens=200)
         assert (await bob.terminal(mid))["type"] == "done"
         assert_stream_ok(bob, mid)
-        async with asyncio.timeout(t(20)):
-            while not any(conn.channel.closed_slow for conn in gw.connections):
-                await asyncio.sleep(0.05)
+        await wait_until(lambda: any(conn.channel.closed_slow for conn in gw.connections), timeout=20)
     assert close_code_in(await read_until_eof(sock)) == 4008
 
 
