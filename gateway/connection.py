@@ -41,7 +41,7 @@ from protocol.messages import (
 )
 from protocol.validation import decode_client
 from store import Unavailable
-from store.tasks import spawn
+from store.tasks import cancel_all, spawn
 
 if TYPE_CHECKING:
     from gateway.server import Gateway
@@ -129,8 +129,7 @@ class Connection:
         except (ConnectionClosed, SlowConsumer):
             pass
         finally:
-            dispatcher.cancel()
-            await asyncio.gather(dispatcher, return_exceptions=True)
+            await cancel_all([dispatcher])
             await self._detach()
 
     async def _authenticate(self) -> bool:
@@ -249,9 +248,7 @@ class Connection:
     async def _detach(self) -> None:
         """A closed connection is not a Stop: unfinished messages get the detach grace."""
         unfinished = self.watching()
-        for _relay, task in self.relays.values():
-            task.cancel()
-        await asyncio.gather(*(t for _r, t in self.relays.values()), return_exceptions=True)
+        await cancel_all([task for _relay, task in self.relays.values()])
         self.relays.clear()
         if unfinished:
             try:

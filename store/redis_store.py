@@ -30,17 +30,17 @@ CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutE
 Redis = aioredis.Redis
 
 
-def connect(url: str, *, timeout_s: float | None = 2.0, max_connections: int = 512) -> Redis:
+def connect(url: str, *, timeout_s: float | None = 2.0, max_connections: int = 2_000) -> Redis:
     """A client whose calls fail fast when Redis is down or paused (`timeout_s`).
 
-    Pub/sub listeners pass `timeout_s=None`: they block on reads by design. The pool blocks
-    for a free connection (up to 2 s) instead of raising: redis-py's default pool raises
-    "Too many connections" past 100, which looks exactly like Redis being down.
+    Pub/sub listeners pass `timeout_s=None`: they block on reads by design. redis-py 8's
+    pool raises "Too many connections" past 100 concurrent calls, which looks exactly like
+    Redis being down, so the limit is raised; past it a call still fails fast (unavailable)
+    rather than queueing behind a saturated Redis.
     """
-    pool = aioredis.BlockingConnectionPool.from_url(
+    pool = aioredis.ConnectionPool.from_url(
         url,
         max_connections=max_connections,
-        timeout=2.0,
         socket_timeout=timeout_s,
         socket_connect_timeout=2.0,
         health_check_interval=0,

@@ -34,7 +34,7 @@ end
 """
 
 SUBMIT = PRELUDE + r"""
--- KEYS: meta, active, hist, answers, request ('' key name when no request_id), jobs, attach, queued
+-- KEYS: meta, active, hist, answers, request (untouched when ARGV[6], the request_id, is empty), jobs, attach, queued
 -- ARGV: config, mid, user, session_id, user_turn_json, request_id, job_json, now_ms, supersede
 local mid, user, sid = ARGV[2], ARGV[3], ARGV[4]
 if ARGV[6] ~= '' then

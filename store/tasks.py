@@ -28,7 +28,16 @@ def spawn(coro: Coroutine[Any, Any, None], name: str, stop: asyncio.Event | None
     return task
 
 
-async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+async def cancel_all(tasks: list[asyncio.Task[None]], recancel_s: float = 0.1) -> None:
+    """Cancel and wait. A task still alive after `recancel_s` is cancelled again: redis-py
+    (8.1, Python 3.11) can swallow a cancellation that lands in the middle of a command, and
+    the loop then carries on to its next sleep as if nothing happened."""
     for task in tasks:
         task.cancel()
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        _done, pending = await asyncio.wait(pending, timeout=recancel_s)
+        for task in pending:
+            log.debug("recancel", task=task.get_name())
+            task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

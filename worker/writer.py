@@ -15,7 +15,7 @@ import structlog
 
 from store import Unavailable
 from store.redis_store import CONNECTION_ERRORS, Store
-from store.tasks import spawn
+from store.tasks import cancel_all, spawn
 
 log = structlog.get_logger("worker.writer")
 
@@ -43,8 +43,7 @@ class ChunkWriter:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_all([self._task])
         for item in self._queue:
             if not item.done.done():
                 item.done.set_exception(Unavailable("worker shutting down"))

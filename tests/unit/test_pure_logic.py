@@ -97,3 +97,25 @@ def test_cancel_token_is_safe_across_threads() -> None:
     for thread in threads:
         thread.join()
     assert results.count(True) == 1 and calls == [1]
+
+
+async def test_cancel_all_stops_a_task_that_swallowed_its_first_cancel() -> None:
+    import asyncio
+
+    from store.tasks import cancel_all
+
+    swallowed = asyncio.Event()
+
+    async def stubborn_loop() -> None:
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                if swallowed.is_set():
+                    raise
+                swallowed.set()  # as a library that turns a cancel into an error the loop retries
+
+    task = asyncio.create_task(stubborn_loop())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_all([task], recancel_s=0.01), 5)
+    assert swallowed.is_set() and task.cancelled()
