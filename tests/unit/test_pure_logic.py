@@ -109,7 +109,7 @@ async def test_cancel_all_stops_a_task_that_swallowed_its_first_cancel() -> None
     async def stubborn_loop() -> None:
         while True:
             try:
-                await asyncio.sleep(10)
+                await asyncio.Event().wait()
             except asyncio.CancelledError:
                 if swallowed.is_set():
                     raise
