@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
+import structlog
 
 from protocol.jobs import Job, StoredAnswer, StoredTurn, answer_decoder, job_encoder, turn_decoder
 from protocol.messages import (
@@ -28,6 +30,7 @@ from store.settings import Lifetimes
 CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 Redis = aioredis.Redis
+log = structlog.get_logger("store")
 
 
 def connect(url: str, *, timeout_s: float | None = 2.0, max_connections: int = 2_000) -> Redis:
@@ -56,6 +59,22 @@ async def guarded() -> AsyncIterator[None]:
         yield
     except CONNECTION_ERRORS as exc:
         raise Unavailable(f"redis unreachable: {exc}") from exc
+
+
+T = TypeVar("T")
+
+
+async def retry(op: Callable[[], Awaitable[T]], what: str) -> T:
+    """Run a Redis operation until Redis answers, with backoff (for writes that must land:
+    claims, acks, terminal events). Returns the operation's result."""
+    backoff = 0.05
+    while True:
+        try:
+            return await op()
+        except (*CONNECTION_ERRORS, Unavailable) as exc:
+            log.warning("redis_retry", op=what, error=str(exc), backoff_s=backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,8 @@ import structlog
 from protocol.coalesce import Coalescer
 from protocol.jobs import Job
 from protocol.messages import Cancelled, Chunk, Done, Error, Terminal, encode_text
-from store import Unavailable, keys
-from store.redis_store import Store
+from store import keys
+from store.redis_store import Store, retry
 from worker import metrics
 from worker.cancel_token import CancelToken
 from worker.engines.base import Engine, Finish, GenerationRequest, Turn
@@ -185,14 +185,7 @@ async def finish_with_retry(
     frame: str,
     text: str,
 ) -> bool:
-    """The terminal event must land: retry with backoff while Redis is unreachable.
+    """The terminal event must land: retried while Redis is unreachable.
 
     False when the job is no longer ours (fenced)."""
-    backoff = 0.05
-    while True:
-        try:
-            return await store.finish(message_id, worker_id, attempt, state, seq, frame, text)
-        except Unavailable as exc:
-            log.warning("finish_retry", error=str(exc), backoff_s=backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
+    return await retry(lambda: store.finish(message_id, worker_id, attempt, state, seq, frame, text), "finish")

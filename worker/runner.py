@@ -15,15 +15,14 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import redis.exceptions
 import structlog
 
 from protocol.jobs import Job, job_decoder
-from store import Unavailable, keys
-from store.redis_store import CONNECTION_ERRORS, Redis, Store, connect
+from store import keys
+from store.redis_store import CONNECTION_ERRORS, Redis, Store, connect, retry
 from store.settings import Lifetimes
 from store.tasks import cancel_all, spawn
 from worker import metrics
@@ -48,19 +47,6 @@ class WorkerConfig:
     poll_every_chunks: int = 0
     """0: cancels are pushed (pub/sub). N > 0: benchmark baseline, poll the cancel key every N chunks."""
     lifetimes: Lifetimes = field(default_factory=Lifetimes)
-
-
-async def retry(op: Callable[[], Awaitable[object]], what: str) -> None:
-    """Run a small Redis operation until Redis answers (used for acks)."""
-    backoff = 0.05
-    while True:
-        try:
-            await op()
-            return
-        except (*CONNECTION_ERRORS, Unavailable) as exc:
-            log.warning("redis_retry", op=what, error=str(exc))
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
 
 
 class Worker:
@@ -176,9 +162,8 @@ class Worker:
 
     async def _handle(self, entry_id: bytes, job: Job, attempt: int | None, start_seq: int) -> None:
         if attempt is None:
-            claimed: list[int | None] = []
-            await retry(lambda: self._claim(job, claimed), "claim")
-            attempt = claimed[0]
+            now_ms = int(time.time() * 1000)
+            attempt = await retry(lambda: self.store.claim(job.message_id, self.id, now_ms), "claim")
         if attempt is None:
             await self.ack(entry_id)
             return
@@ -204,9 +189,6 @@ class Worker:
         metrics.JOBS.labels(outcome).inc()
         if outcome != "lost":
             await self.ack(entry_id)
-
-    async def _claim(self, job: Job, out: list[int | None]) -> None:
-        out.append(await self.store.claim(job.message_id, self.id, int(time.time() * 1000)))
 
     async def ack(self, entry_id: bytes) -> None:
         await retry(lambda: self.store.redis.xack(keys.JOBS_STREAM, keys.WORKER_GROUP, entry_id), "xack")
