@@ -95,9 +95,6 @@ class Connection:
 
     # --- sending ------------------------------------------------------------------------
 
-    async def send(self, frame: str) -> None:
-        await self.channel.send(frame)
-
     async def close_slow(self) -> None:
         """Close with 4008. The close frame queues behind the unread data; a client that
         never reads is cut off after the close timeout."""
@@ -109,7 +106,7 @@ class Connection:
         await self.ws.close(CLOSE_SLOW_CONSUMER, "slow consumer")
 
     async def reply(self, message: ServerMessage) -> None:
-        await self.send(encode_text(message))
+        await self.channel.send(encode_text(message))
 
     async def error(
         self, code: ErrorCode, text: str, request_id: str | None = None, message_id: str | None = None
@@ -223,7 +220,7 @@ class Connection:
         previous = self.relays.pop(message_id, None)
         if previous is not None:
             previous[1].cancel()
-        relay = Relay(self.gw.hub, self.gw.store, message_id, after_seq, self.send)
+        relay = Relay(self.gw.hub, self.gw.store, message_id, after_seq, self.channel.send)
         task = spawn(self._run_relay(relay), f"relay-{message_id}")
         self.relays[message_id] = (relay, task)
 

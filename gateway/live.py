@@ -109,14 +109,13 @@ class LiveHub:
                 relay.push(frame)
 
     async def _reset(self) -> None:
-        """A fresh pub/sub connection; every relay re-reads its log (it may have missed frames)."""
+        """A fresh pub/sub connection; `_resubscribe` then has every relay re-read its log."""
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-        for watchers in self._watchers.values():
-            for relay in watchers:
-                relay.resync()
 
     async def _resubscribe(self) -> None:
+        """Subscribe to every watched message, then have each relay re-read its log: frames
+        published while the connection was down are in the log, not in the channel."""
         channels = [keys.live_channel(mid) for mid in self._watchers]
         if not channels:
             await self._pubsub.subscribe(keys.live_channel("-"))
