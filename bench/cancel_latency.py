@@ -7,15 +7,19 @@ chunks, B sends `cancel` with the message id, and A's `cancelled` ends the sampl
 connections live in the same process, so one clock times the whole path (gateway B → CANCEL
 script → pub/sub → worker → FINISH → pub/sub → gateway A → client).
 
-Each mode gets a fresh cluster and three windows: (a) the cluster otherwise idle, (b) 100
-background streams of 20 tokens/s (a load this 2-core machine carries, see `bench.throughput`)
-and (c) 1,000 such streams spread over the 3 gateways (the goal's load). Background streams
-come from another client process, at most 200 new ones a second. Cancels per window: 200 (6
-lanes at once, none started after the window's deadline). In (c) the machine cannot deliver
-the tokens, so a chat is cancelled after its first chunk and the client waits up to 20 s.
+Each mode gets a fresh cluster and four windows: (a) the cluster otherwise idle: one lane,
+one stream and one cancel at a time (the goal's idle figure); (b) 6 lanes at once, still no
+other load; (c) 100 background streams of 20 tokens/s (a load this 2-core machine carries,
+see `bench.throughput`) and (d) 1,000 such streams spread over the 3 gateways (the goal's
+load). Background streams come from another client process, at most 200 new ones a second.
+Cancels per window: 200 (none started after the window's deadline). In (d) the machine
+cannot deliver the tokens, so a chat is cancelled after its first chunk and the client waits
+up to 20 s.
 
-Modes: `push` (the default: pub/sub, no Redis call per token) and `poll` (`--cancel-mode
-poll`, the usual fix: the worker checks a Redis flag every 10 chunks). Redis commands per
+Modes: `push` (the default: the CANCEL script ends the message and its `cancelled` is
+published at once; the worker is told on its own channel) and `poll` (`--cancel-mode poll`
+on gateways and workers, the usual fix: the cancel only sets a Redis flag, which the worker
+checks every 10 chunks before it writes the terminal itself). Redis commands per
 token: the sum of `calls` in INFO commandstats over the window (commands run by Lua scripts
 count), divided by the chunk tokens the clients received in that window: once over 3 s in
 which only the background streams run (the streaming cost), once over the cancel window (where
@@ -137,26 +141,27 @@ async def _streaming_cost(cluster: Cluster, loader: ClientProc, seconds: float) 
     }
 
 
-WINDOWS = ("idle", "moderate", "heavy")
+WINDOWS = ("idle", "concurrent", "moderate", "heavy")
 
 
 async def _mode(mode: str, quick: bool) -> dict[str, Any]:
     """A fresh cluster whose workers run `--cancel-mode mode`; the three windows in turn."""
     cancels, lanes = (12, 3) if quick else (CANCELS, LANES)
-    loads = {"idle": 0, "moderate": 10 if quick else MODERATE, "heavy": 30 if quick else HEAVY}
+    loads = {"idle": 0, "concurrent": 0, "moderate": 10 if quick else MODERATE, "heavy": 30 if quick else HEAVY}
     figures: dict[str, Any] = {}
     async with Cluster(f"{NAME}-{mode}") as cluster:
-        ports = [cluster.add_gateway().port or 0 for _ in range(3)]
+        ports = [cluster.add_gateway("--cancel-mode", mode).port or 0 for _ in range(3)]
         for _ in range(2):
             cluster.add_worker("--engine", "synthetic", "--synthetic-rate", str(RATE),
                                "--concurrency", "600", "--cancel-mode", mode)
         await cluster.wait_ready()
         for label in WINDOWS:
-            deadline_s = 30.0 if quick or label == "heavy" else 60.0
+            deadline_s = 30.0 if quick or label == "heavy" else 90.0 if label == "idle" else 60.0
             overloaded = label == "heavy" and not quick
-            window = await _window(cluster, ports, cancels, lanes, loads[label], deadline_s, overloaded,
-                                   1.0 if quick else STREAMING_WINDOW_S)
+            window = await _window(cluster, ports, cancels, 1 if label == "idle" else lanes, loads[label],
+                                   deadline_s, overloaded, 1.0 if quick else STREAMING_WINDOW_S)
             window["wait_chunks"] = 1 if overloaded else 3
+            window["lanes"] = 1 if label == "idle" else lanes
             figures[label] = window
             progress(f"{NAME}: {mode} {label} ({loads[label]} streams): p50 {window['p50_ms']:.2f} ms, "
                      f"p99 {window['p99_ms']:.2f} ms (n={window['n']}), "
@@ -176,7 +181,7 @@ async def _measure(quick: bool) -> dict[str, Any]:
 def _what(window: dict[str, Any]) -> str:
     load = int(window["load_streams"])
     if not load:
-        return "idle cluster"
+        return "idle cluster" if window["lanes"] == 1 else f"{window['lanes']} cancels at once, no other load"
     started = int(window["load_started"])
     return f"{load:,} streams" + ("" if started >= load else f" ({started:,} started)")
 

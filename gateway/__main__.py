@@ -30,6 +30,13 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--detach-grace", type=float, default=15.0, help="seconds an unwatched generation lives")
     parser.add_argument("--backlog-limit", type=int, default=10_000, help="queued jobs above which chat is refused")
     parser.add_argument("--ping-interval", type=float, default=20.0)
+    parser.add_argument(
+        "--cancel-mode",
+        choices=["push", "poll"],
+        default="push",
+        help="push (default): a cancel ends a running message at once and is pushed to its worker; "
+        "poll: benchmark baseline, only the cancel key is set (run workers with --cancel-mode poll)",
+    )
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"))
     return parser
 
@@ -55,6 +62,7 @@ async def serve(args: argparse.Namespace) -> None:
         ping_interval_s=args.ping_interval,
         ping_timeout_s=args.ping_interval,
         lifetimes=Lifetimes(grace_s=args.grace, detach_grace_s=args.detach_grace, backlog_limit=args.backlog_limit),
+        cancel_ends=args.cancel_mode == "push",
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

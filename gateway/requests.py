@@ -49,7 +49,9 @@ async def chat(conn: Connection, message: Chat) -> None:
                 return
             case "busy":
                 supersede = result.message_id
-                status = await gw.store.cancel(supersede, conn.user, "superseded")
+                status, worker = await gw.store.cancel(supersede, conn.user, "superseded")
+                if worker:
+                    await gw.store.notify_worker(worker, supersede)
                 log.info("chat_supersedes", message_id=supersede, session_id=job.session_id, status=status)
             case "overloaded":
                 await conn.error("overloaded", "the job queue is full; try again later", job.request_id)
@@ -69,9 +71,12 @@ async def cancel(conn: Connection, message: Cancel) -> None:
         if target is None:
             target = await gw.store.last_message(conn.user, message.session_id)
     status: CancelStatus = "not_found"
+    worker = ""
     if target is not None:
-        status = await gw.store.cancel(target, conn.user, "user")
+        status, worker = await gw.store.cancel(target, conn.user, "user")
     await conn.reply(CancelResult(status=status, message_id=target, session_id=message.session_id))
+    if worker and target is not None:
+        await gw.store.notify_worker(worker, target)
     elapsed = time.perf_counter() - started
     metrics.CANCELS.labels(status).inc()
     metrics.CANCEL_SECONDS.observe(elapsed)

@@ -50,6 +50,9 @@ class GatewayConfig:
     close_timeout_s: float = 5.0
     """How long a closing connection waits for the peer's close frame (a dead peer sends none)."""
     lifetimes: Lifetimes = field(default_factory=Lifetimes)
+    cancel_ends: bool = True
+    """A cancel ends a running message in the store at once. False: the polling baseline
+    of the benchmarks (the worker that polls the cancel key ends it)."""
     instance_id: str = field(default_factory=lambda: f"g-{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}")
 
 
@@ -57,7 +60,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.id = config.instance_id
-        self.store = Store(connect(config.redis_url, timeout_s=2.0), config.lifetimes)
+        self.store = Store(connect(config.redis_url, timeout_s=2.0), config.lifetimes, config.cancel_ends)
         self._listener = connect(config.redis_url, timeout_s=None)
         self.hub = LiveHub(self._listener)
         self.connections: set[Connection] = set()

@@ -15,8 +15,7 @@ DEAD_STREAM = NS + "jobs:dead"
 WORKER_GROUP = "workers"
 QUEUED_COUNTER = NS + "queued"
 """Jobs accepted but not yet claimed (admission control); one integer."""
-CANCEL_CHANNEL = NS + "cancels"
-"""Pub/sub: message ids whose cancel key was just set; every worker listens."""
+CANCEL_CHANNEL_PREFIX = NS + "cancels:"
 
 META_PREFIX = NS + "msg:"
 LOG_PREFIX = NS + "log:"
@@ -50,6 +49,12 @@ def live_channel(message_id: str) -> str:
 def cancel_key(message_id: str) -> str:
     """The durable cancel flag of a running message."""
     return CANCEL_PREFIX + message_id
+
+
+def cancel_channel(worker_id: str) -> str:
+    """Pub/sub: ids of this worker's messages whose cancel key was just set. One channel per
+    worker, so a Stop wakes only the process that runs the job."""
+    return CANCEL_CHANNEL_PREFIX + worker_id
 
 
 def grace_record(message_id: str) -> str:

@@ -77,6 +77,28 @@ async def retry(op: Callable[[], Awaitable[T]], what: str) -> T:
             backoff = min(backoff * 2, 1.0)
 
 
+Ending = Literal["ended", "ended_cancelled", "cancelled_before", "not_ours"]
+"""What `Store.finish` did: ended the message as asked; ended it `cancelled` instead (a
+cancel raced the end); found it already cancelled by the store; refused (fenced)."""
+_ENDINGS: dict[int, Ending] = {1: "ended", 2: "ended_cancelled", 3: "cancelled_before", 0: "not_ours"}
+
+Append = Literal["written", "cancelled", "not_ours"]
+APPEND_RESULTS: dict[int, Append] = {1: "written", 2: "cancelled", 0: "not_ours"}
+"""The APPEND script's reply: written; refused because the message was cancelled (stop
+generating); refused because the job is no longer this worker's (fenced)."""
+
+_SEQ_ZERO = '"seq":0'
+
+
+def split_at_seq(frame: str) -> tuple[str, str]:
+    """A frame encoded with seq 0, split so that `head + str(seq) + tail` is the same frame
+    with another seq (the CANCEL script fills in the last stored seq)."""
+    head, found, tail = frame.partition(_SEQ_ZERO)
+    if not found or _SEQ_ZERO in tail:
+        raise ValueError(f"frame has no single seq 0: {frame}")
+    return head + '"seq":', tail
+
+
 @dataclass(frozen=True, slots=True)
 class SubmitResult:
     outcome: Literal["ok", "dup", "busy", "overloaded"]
@@ -88,7 +110,10 @@ def _s(value: Any) -> str:
 
 
 class Store:
-    def __init__(self, client: Redis, lifetimes: Lifetimes | None = None) -> None:
+    def __init__(self, client: Redis, lifetimes: Lifetimes | None = None, cancel_ends: bool = True) -> None:
+        """`cancel_ends`: a cancel of a running message ends it in the store at once (the
+        default). False only for the polling baseline of the benchmarks: the cancel just sets
+        the key, and the worker that polls it writes the terminal."""
         self.redis = client
         self.lifetimes = lt = lifetimes or Lifetimes()
         self._config = json.dumps(
@@ -102,7 +127,7 @@ class Store:
                 "hist": keys.HISTORY_PREFIX,
                 "answers": keys.ANSWERS_PREFIX,
                 "queued": keys.QUEUED_COUNTER,
-                "cancels": keys.CANCEL_CHANNEL,
+                "cancels": keys.CANCEL_CHANNEL_PREFIX,
                 "log_maxlen": lt.log_maxlen,
                 "jobs_maxlen": lt.jobs_maxlen,
                 "message_ttl": lt.message_ttl_s,
@@ -112,6 +137,7 @@ class Store:
                 "hist_max": lt.history_max_turns,
                 "backlog_limit": lt.backlog_limit,
                 "detach_ms": lt.detach_grace_ms,
+                "cancel_ends": int(cancel_ends),
             }
         )
         self._submit = client.register_script(scripts.SUBMIT)
@@ -120,6 +146,7 @@ class Store:
         self._takeover = client.register_script(scripts.TAKEOVER)
         self._append_sha = hashlib.sha1(scripts.APPEND.encode()).hexdigest()
         self._finish = client.register_script(scripts.FINISH)
+        self._save_answer = client.register_script(scripts.SAVE_ANSWER)
 
     async def ping(self) -> bool:
         async with guarded():
@@ -158,14 +185,21 @@ class Store:
             )
         return SubmitResult(cast(Any, _s(outcome)), _s(mid))
 
-    async def cancel(self, message_id: str, user: str, reason: str) -> CancelStatus:
+    async def cancel(self, message_id: str, user: str, reason: str) -> tuple[CancelStatus, str]:
+        """Cancel a message: (status, the worker to notify with `notify_worker`, or "")."""
         frame = encode_text(Cancelled(message_id=message_id, seq=0))
+        head, tail = split_at_seq(frame)
         async with guarded():
-            status = await self._cancel(
+            status, worker = await self._cancel(
                 keys=[keys.meta(message_id)],
-                args=[self._config, message_id, user, reason, frame],
+                args=[self._config, message_id, user, reason, frame, head, tail],
             )
-        return cast(CancelStatus, _s(status))
+        return cast(CancelStatus, _s(status)), _s(worker)
+
+    async def notify_worker(self, worker_id: str, message_id: str) -> None:
+        """Push a cancel to the worker running the message (its cancel key is already set)."""
+        async with guarded():
+            await self.redis.publish(keys.cancel_channel(worker_id), message_id)
 
     async def active_message(self, user: str, session_id: str) -> str | None:
         async with guarded():
@@ -223,9 +257,10 @@ class Store:
     async def _in_flight(self, message_id: str) -> StoredAnswer | None:
         """A message with no stored answer yet: its partial text if it is still streaming."""
         state = await self.redis.hget(keys.meta(message_id), "state")
-        if state not in (b"queued", b"running"):
+        if state not in (b"queued", b"running", b"cancelled"):
             return None
-        return StoredAnswer(text=await self.partial_text(message_id), status="streaming")
+        status = "cancelled" if state == b"cancelled" else "streaming"
+        return StoredAnswer(text=await self.partial_text(message_id), status=status)
 
     async def partial_text(self, message_id: str) -> str:
         """The text of every chunk in a message's log so far."""
@@ -288,10 +323,10 @@ class Store:
         seq: int,
         frame: str,
         text: str,
-    ) -> bool:
-        """Write the terminal event (fenced); False if the job is no longer ours.
-
-        A `done` becomes `cancelled` (same seq) when a cancel was accepted meanwhile."""
+    ) -> Ending:
+        """Write the terminal event (fenced). A `done` becomes `cancelled` (same seq) when a
+        cancel was accepted meanwhile; a message the store already ended `cancelled` only
+        gets its answer's text (`text`: the chunks the store accepted)."""
         cancelled = encode_text(Cancelled(message_id=message_id, seq=seq))
         history_status = {"done": "complete", "cancelled": "cancelled", "error": "error"}[state]
         grace_status = "cancelled" if state == "cancelled" else "completed"
@@ -312,7 +347,12 @@ class Store:
                     cancelled,
                 ],
             )
-        return bool(ok)
+        return _ENDINGS[int(ok)]
+
+    async def save_cancelled_answer(self, message_id: str, text: str) -> None:
+        """History text of a message cancelled in the store, unless its worker saved it."""
+        async with guarded():
+            await self._save_answer(keys=[keys.meta(message_id)], args=[self._config, message_id, text])
 
     async def session_turns(self, user: str, session_id: str, before: str) -> list[tuple[str, str, str]]:
         """(role, text, message_id) of a session's turns before message `before`, oldest first."""

@@ -11,6 +11,21 @@ from __future__ import annotations
 PRELUDE = r"""
 local C = cjson.decode(ARGV[1])
 
+local function save_answer(mid, text, hist_status, only_if_absent)
+  local who = redis.call('HMGET', C.meta .. mid, 'user', 'session_id')
+  local scope = who[1] .. ':' .. who[2]
+  if redis.call('EXISTS', C.hist .. scope) == 0 then return end
+  local answers = C.answers .. scope
+  local answer = cjson.encode({text = text, status = hist_status})
+  if only_if_absent then
+    redis.call('HSETNX', answers, mid, answer)
+  else
+    redis.call('HSET', answers, mid, answer)
+  end
+  redis.call('EXPIRE', answers, C.hist_ttl)
+end
+
+-- `text` false: the answer's text is saved later (`save_answer`) by the worker that has it.
 local function write_terminal(mid, state, seq, frame, text, hist_status, grace_status)
   local meta = C.meta .. mid
   local log = C.log .. mid
@@ -21,14 +36,9 @@ local function write_terminal(mid, state, seq, frame, text, hist_status, grace_s
   redis.call('SET', C.grace .. mid, grace_status, 'EX', C.grace_s)
   redis.call('DEL', C.cancel .. mid)
   local who = redis.call('HMGET', meta, 'user', 'session_id')
-  local scope = who[1] .. ':' .. who[2]
-  local active = C.active .. scope
+  local active = C.active .. who[1] .. ':' .. who[2]
   if redis.call('GET', active) == mid then redis.call('DEL', active) end
-  if redis.call('EXISTS', C.hist .. scope) == 1 then
-    local answers = C.answers .. scope
-    redis.call('HSET', answers, mid, cjson.encode({text = text, status = hist_status}))
-    redis.call('EXPIRE', answers, C.hist_ttl)
-  end
+  if text then save_answer(mid, text, hist_status, false) end
   redis.call('PUBLISH', C.live .. mid, frame)
 end
 """
@@ -63,24 +73,34 @@ return {'ok', mid}
 
 CANCEL = PRELUDE + r"""
 -- KEYS: meta
--- ARGV: config, mid, user, reason, cancelled_frame (seq 0, used if still queued)
+-- ARGV: config, mid, user, reason, cancelled frame with seq 0 (for a queued message),
+--       the same frame split around its seq (head, tail; for a running one)
+-- A running message ends here, at its last stored seq: the store is the authority, so the
+-- client's `cancelled` does not wait for the worker. The cancel key and the push then stop
+-- the worker, whose later writes are refused (state is no longer running). With
+-- C.cancel_ends 0 (the polling baseline of the benchmarks) only the key is set.
 local mid = ARGV[2]
-if redis.call('HGET', KEYS[1], 'user') ~= ARGV[3] then return 'not_found' end
+if redis.call('HGET', KEYS[1], 'user') ~= ARGV[3] then return {'not_found', ''} end
 local grace = redis.call('GET', C.grace .. mid)
-if grace then return 'already_' .. grace end
+if grace then return {'already_' .. grace, ''} end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'queued' then
   write_terminal(mid, 'cancelled', 0, ARGV[5], '', 'cancelled', 'cancelled')
   redis.call('HSET', KEYS[1], 'cancel_reason', ARGV[4])
   redis.call('DECR', C.queued)
-  return 'cancelling'
+  return {'cancelling', ''}
 elseif state == 'running' then
-  if redis.call('SET', C.cancel .. mid, ARGV[4], 'NX', 'EX', C.message_ttl) then
-    redis.call('PUBLISH', C.cancels, mid)
+  if C.cancel_ends == 1 then
+    local seq = redis.call('HGET', KEYS[1], 'last_seq')
+    write_terminal(mid, 'cancelled', seq, ARGV[6] .. seq .. ARGV[7], false, 'cancelled', 'cancelled')
+    redis.call('HSET', KEYS[1], 'cancel_reason', ARGV[4])
   end
-  return 'cancelling'
+  if redis.call('SET', C.cancel .. mid, ARGV[4], 'NX', 'EX', C.message_ttl) then
+    return {'cancelling', redis.call('HGET', KEYS[1], 'worker')}
+  end
+  return {'cancelling', ''}
 end
-return 'not_found'
+return {'not_found', ''}
 """
 
 CLAIM = r"""
@@ -105,8 +125,13 @@ return {'run', attempt, tonumber(m[3])}
 
 APPEND = r"""
 -- KEYS: meta, log; ARGV: worker, attempt, seq, frame, live channel, log maxlen, message ttl
+-- Returns 1 (written), 2 (refused: the message was cancelled, stop), 0 (refused: not ours).
 local m = redis.call('HMGET', KEYS[1], 'worker', 'attempt', 'state')
-if m[1] ~= ARGV[1] or m[2] ~= ARGV[2] or m[3] ~= 'running' then return 0 end
+if m[1] ~= ARGV[1] or m[2] ~= ARGV[2] then return 0 end
+if m[3] ~= 'running' then
+  if m[3] == 'cancelled' then return 2 end
+  return 0
+end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], ARGV[3] .. '-0', 'f', ARGV[4])
 if ARGV[3] == '1' then redis.call('EXPIRE', KEYS[2], ARGV[7]) end
 redis.call('HSET', KEYS[1], 'last_seq', ARGV[3])
@@ -118,14 +143,31 @@ FINISH = PRELUDE + r"""
 -- KEYS: meta
 -- ARGV: config, mid, worker, attempt, state, seq, frame, text, history status, grace status,
 --       cancelled frame (same seq)
+-- Returns 1 (ended as asked), 2 (ended cancelled instead), 3 (the store had already ended
+-- it cancelled: only the answer's text is saved), 0 (not ours).
 -- A cancel answered `cancelling` promises a `cancelled` terminal: if its key is set when a
 -- job finishes on its own (the Stop raced the last token), the message ends cancelled.
 local m = redis.call('HMGET', KEYS[1], 'worker', 'attempt', 'state')
-if m[1] ~= ARGV[3] or m[2] ~= ARGV[4] or m[3] ~= 'running' then return 0 end
+if m[1] ~= ARGV[3] or m[2] ~= ARGV[4] then return 0 end
+if m[3] == 'cancelled' then
+  save_answer(ARGV[2], ARGV[8], 'cancelled', true)
+  redis.call('DEL', C.cancel .. ARGV[2])
+  return 3
+end
+if m[3] ~= 'running' then return 0 end
 if ARGV[5] == 'done' and redis.call('EXISTS', C.cancel .. ARGV[2]) == 1 then
   write_terminal(ARGV[2], 'cancelled', ARGV[6], ARGV[11], ARGV[8], 'cancelled', 'cancelled')
   return 2
 end
 write_terminal(ARGV[2], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10])
+return 1
+"""
+
+SAVE_ANSWER = PRELUDE + r"""
+-- KEYS: meta; ARGV: config, mid, text
+-- The text of a message the store cancelled while its worker was dead (from its log), kept
+-- unless the worker saved it first.
+if redis.call('HGET', KEYS[1], 'state') ~= 'cancelled' then return 0 end
+save_answer(ARGV[2], ARGV[3], 'cancelled', true)
 return 1
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -12,7 +13,7 @@ from protocol.coalesce import Coalescer
 from protocol.jobs import Job
 from protocol.messages import Cancelled, Chunk, Done, Error, Terminal, encode_text
 from store import keys
-from store.redis_store import Store, retry
+from store.redis_store import Append, Ending, Store, retry
 from worker import metrics
 from worker.cancel_token import CancelToken
 from worker.engines.base import Engine, Finish, GenerationRequest, Turn
@@ -70,18 +71,29 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
     request = GenerationRequest(job.message_id, job.text, job.max_tokens, history)
     coalescer = Coalescer(window_s=services.coalesce_window_s)
     seq = start_seq
-    text: list[str] = []
-    last_write: asyncio.Future[bool] | None = None
+    chunks: list[str] = []
+    """Text of each chunk, seq `start_seq + 1` onwards."""
+    stored_seq = start_seq
+    """The highest seq the store accepted: after a cancel ended the message in the store,
+    later chunks are refused, and the saved answer is the text the client saw."""
+    last_write: asyncio.Future[Append] | None = None
     timer: asyncio.TimerHandle | None = None
     after_cancel = 0
     polls: list[asyncio.Future[None]] = []
 
-    def on_written(fut: asyncio.Future[bool]) -> None:
+    def on_written(chunk_seq: int, fut: asyncio.Future[Append]) -> None:
+        nonlocal stored_seq
         if fut.cancelled():
             return
-        if fut.exception() is not None or not fut.result():
-            running.lost = True
-            token.cancel("fenced")
+        result = fut.result() if fut.exception() is None else "not_ours"
+        match result:
+            case "written":
+                stored_seq = max(stored_seq, chunk_seq)
+            case "cancelled":
+                token.cancel("cancel")
+            case "not_ours":
+                running.lost = True
+                token.cancel("fenced")
 
     async def poll_cancel_key() -> None:
         if await services.store.redis.exists(keys.cancel_key(job.message_id)):
@@ -94,9 +106,10 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
         seq += 1
         if services.poll_every_chunks and seq % services.poll_every_chunks == 0:
             polls.append(asyncio.ensure_future(poll_cancel_key()))
+        chunks.append(chunk)
         frame = encode_text(Chunk(message_id=job.message_id, seq=seq, text=chunk))
         last_write = services.writer.append(job.message_id, running.attempt, seq, frame)
-        last_write.add_done_callback(on_written)
+        last_write.add_done_callback(partial(on_written, seq))
 
     def on_deadline() -> None:
         nonlocal timer
@@ -119,7 +132,6 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
                 break
             if token.cancelled:
                 after_cancel += 1
-            text.append(item)
             emit(coalescer.add(item, loop.time()))
             arm()
     except Exception as exc:  # an engine failure ends this message, not the worker
@@ -156,13 +168,16 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
             code="internal", message="engine ended without finishing", message_id=job.message_id, seq=seq
         )
     state = _STATE_OF[type(terminal)]
-    finished = await finish_with_retry(
+    ending = await finish_with_retry(
         services.store, services.worker_id, job.message_id, running.attempt,
-        state, seq, encode_text(terminal), "".join(text),
+        state, seq, encode_text(terminal), "".join(chunks[: stored_seq - start_seq]),
     )
-    if not finished:
-        running.lost = True
-        return "lost"
+    match ending:
+        case "not_ours":
+            running.lost = True
+            return "lost"
+        case "ended_cancelled" | "cancelled_before":
+            state = "cancelled"
     log.info(
         "job_finished",
         outcome=state,
@@ -184,8 +199,6 @@ async def finish_with_retry(
     seq: int,
     frame: str,
     text: str,
-) -> bool:
-    """The terminal event must land: retried while Redis is unreachable.
-
-    False when the job is no longer ours (fenced)."""
+) -> Ending:
+    """The terminal event must land: retried while Redis is unreachable."""
     return await retry(lambda: store.finish(message_id, worker_id, attempt, state, seq, frame, text), "finish")

@@ -6,7 +6,8 @@ so two reapers never both win). Then, by the message's state:
 - running, nothing streamed yet (last_seq 0): take it over and generate from scratch;
 - running, chunks already streamed: end it with `error` / `worker_lost`; the text would not
   continue where it stopped, and a seam in an answer is worse than an honest error;
-- ended: just acknowledge it.
+- ended: just acknowledge it (one the store cancelled while its worker was dead first gets
+  its partial text saved in history, from the log).
 An entry delivered more than `max_deliveries` times (it kills every worker that takes it) is
 copied to the dead-letter stream and ended with `error` / `worker_lost`.
 """
@@ -96,6 +97,8 @@ class Reaper:
             return
         taken = await store.takeover(job.message_id, dead, self.worker.id) if state == "running" else None
         if taken is None:
+            if state == "cancelled":
+                await store.save_cancelled_answer(job.message_id, await store.partial_text(job.message_id))
             await self.worker.ack(entry_id)
             return
         attempt, last_seq = taken

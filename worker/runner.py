@@ -206,7 +206,7 @@ class Worker:
         while True:
             pubsub = self._listener.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(keys.CANCEL_CHANNEL)
+                await pubsub.subscribe(keys.cancel_channel(self.id))
                 await self._catch_up_cancels()
                 backoff = 0.05
                 async for message in pubsub.listen():

@@ -14,7 +14,7 @@ import redis.exceptions
 import structlog
 
 from store import Unavailable
-from store.redis_store import CONNECTION_ERRORS, Store
+from store.redis_store import APPEND_RESULTS, CONNECTION_ERRORS, Append, Store
 from store.tasks import cancel_all, spawn
 
 log = structlog.get_logger("worker.writer")
@@ -26,7 +26,7 @@ class _Append:
     attempt: int
     seq: int
     frame: str
-    done: asyncio.Future[bool]
+    done: asyncio.Future[Append]
 
 
 class ChunkWriter:
@@ -48,9 +48,10 @@ class ChunkWriter:
             if not item.done.done():
                 item.done.set_exception(Unavailable("worker shutting down"))
 
-    def append(self, message_id: str, attempt: int, seq: int, frame: str) -> asyncio.Future[bool]:
-        """Queue a fenced chunk write; the future says whether the job was still ours."""
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    def append(self, message_id: str, attempt: int, seq: int, frame: str) -> asyncio.Future[Append]:
+        """Queue a fenced chunk write; the future says whether it was written, or refused
+        because the message was cancelled or is no longer this worker's."""
+        done: asyncio.Future[Append] = asyncio.get_running_loop().create_future()
         self._queue.append(_Append(message_id, attempt, seq, frame, done))
         self._wake.set()
         return done
@@ -89,7 +90,7 @@ class ChunkWriter:
                 elif isinstance(result, Exception):
                     item.done.set_exception(result)
                 else:
-                    item.done.set_result(bool(result))
+                    item.done.set_result(APPEND_RESULTS[int(result)])
             if retry:
                 try:
                     await self._store.load_append_script()

@@ -56,7 +56,7 @@ def test_relay_overhead_quick(tmp_path: Path) -> None:
 def test_cancel_latency_quick(tmp_path: Path) -> None:
     figures = run_bench("cancel_latency", tmp_path)
     for mode in ("push", "poll"):
-        for window in ("idle", "moderate", "heavy"):
+        for window in ("idle", "concurrent", "moderate", "heavy"):
             result = figures[mode][window]
             for key in ("p50_ms", "p95_ms", "p99_ms", "max_ms", "commands_per_token", "exists_per_token"):
                 number(result[key])
@@ -65,3 +65,4 @@ def test_cancel_latency_quick(tmp_path: Path) -> None:
         for window in ("moderate", "heavy"):
             assert number(figures[mode][window]["load_gaps"]["p99"]) > 0
             assert number(figures[mode][window]["streaming_commands_per_token"]) > 0
+

@@ -119,6 +119,35 @@ async def test_worker_killed_mid_stream_client_hears_worker_lost(
     print(f"worker death -> client heard worker_lost after {heard_after:.2f}s")
 
 
+async def test_stop_after_the_worker_died_ends_at_once_and_the_reaper_keeps_the_text(
+    chaos_cluster: ProcessCluster, private_redis: PrivateRedis
+) -> None:
+    """The store ends a cancelled message itself: a Stop needs no live worker, and the
+    worker that reclaims the dead one's job saves the partial text in history."""
+    (gw,) = await start(chaos_cluster, gateways=1, workers=2)
+    r = private_redis.client()
+    async with client(gw.port or 0, "alice") as a:
+        mid = await a.chat("s", max_tokens=1000)
+        await streaming(a, mid)
+        owner = owner_of(chaos_cluster, private_redis, mid)
+        owner.signal(signal.SIGKILL)
+        assert owner.popen is not None
+        owner.popen.wait(timeout=t(10))
+        assert (await a.cancel(message_id=mid))["status"] == "cancelling"
+        end = await a.terminal(mid, timeout=5)
+        assert end["type"] == "cancelled"
+        assert_stream_ok(a, mid)
+
+        def reclaimed_and_saved() -> bool:
+            pending = r.xpending(keys.JOBS_STREAM, keys.WORKER_GROUP)["pending"]
+            return pending == 0 and r.hexists(keys.answers("alice", "s"), mid)
+
+        await wait_until(reclaimed_and_saved, timeout=15)
+        history = await a.request(type="history", session_id="s")
+        assert history["turns"][-1]["status"] == "cancelled"
+        assert history["turns"][-1]["text"] == a.text(mid) != ""
+
+
 async def test_worker_paused_past_liveness_then_resumed_cannot_corrupt_the_stream(
     chaos_cluster: ProcessCluster, private_redis: PrivateRedis
 ) -> None:

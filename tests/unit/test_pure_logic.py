@@ -1,4 +1,5 @@
-"""Auth tokens, the relay's sequence tracker, the coalescer and the cancel token."""
+"""Auth tokens, the relay's sequence tracker, the coalescer, the cancel token and the
+cancelled frame the CANCEL script completes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 from protocol.auth import mint_token, verify_token
 from protocol.coalesce import Coalescer
 from protocol.errors import AuthError
+from protocol.messages import Cancelled, encode_text
 from protocol.relay import SeqTracker, Verdict
+from store.redis_store import split_at_seq
 from worker.cancel_token import CancelToken, Phase
 
 
@@ -119,3 +122,15 @@ async def test_cancel_all_stops_a_task_that_swallowed_its_first_cancel() -> None
     await asyncio.sleep(0)
     await asyncio.wait_for(cancel_all([task], recancel_s=0.01), 5)
     assert swallowed.is_set() and task.cancelled()
+
+
+@pytest.mark.parametrize("seq", [0, 7, 123456])
+def test_cancelled_frame_split_at_seq_rebuilds_any_seq(seq: int) -> None:
+    frame = encode_text(Cancelled(message_id="m-1", seq=0))
+    head, tail = split_at_seq(frame)
+    assert head + str(seq) + tail == encode_text(Cancelled(message_id="m-1", seq=seq))
+
+
+def test_split_at_seq_refuses_a_frame_without_a_single_seq_zero() -> None:
+    with pytest.raises(ValueError):
+        split_at_seq('{"type":"cancelled","message_id":"m","seq":5}')
