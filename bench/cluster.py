@@ -168,7 +168,7 @@ class Cluster:
     async def __aenter__(self) -> Cluster:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"tokenrelay-bench-{self.name}-"))
         port = embedded.free_port()
-        proc, log_path = await asyncio.to_thread(_start_redis, port, self.tmp)
+        proc, log_path = await asyncio.to_thread(start_redis, port, self.tmp)
         self.redis = Server("redis", proc, log_path, port)
         self.redis_url = f"redis://127.0.0.1:{port}/0"
         return self
@@ -367,7 +367,7 @@ def _cpu_or_zero(pid: int) -> float:
         return 0.0
 
 
-def _start_redis(port: int, tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def start_redis(port: int, tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
     """`store.embedded.start`, with the server's output in a log file instead of ours."""
     directory = tmp / "redis"
     directory.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,10 @@
 """Live push of message frames from Redis pub/sub to the relays that watch them.
 
-One pub/sub connection per gateway. The message log is the truth; pub/sub only makes it
-fast. A relay subscribes first, then reads the log, then takes live frames, so nothing falls
-between the two. When the pub/sub connection breaks, every relay re-reads its log.
+One pub/sub connection per gateway (`store.subscriber`: frames go from hiredis straight to
+the relays). The message log is the truth; pub/sub only makes it fast. A relay subscribes
+(and waits for the server's confirmation), then reads the log, then takes live frames, so
+nothing falls between the two. When the pub/sub connection breaks, every relay re-reads its
+log.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import structlog
 
 from protocol.messages import Error, encode_text
 from protocol.relay import SeqTracker, Verdict
-from store import keys
-from store.redis_store import CONNECTION_ERRORS, Redis, Store
+from store import Unavailable, keys
+from store.redis_store import Store
+from store.subscriber import Subscriber
 from store.tasks import cancel_all, spawn
 from gateway import metrics
 
@@ -33,32 +36,37 @@ class Envelope(msgspec.Struct):
 
 _envelope = msgspec.json.Decoder(Envelope)
 TERMINAL_TYPES = frozenset({"done", "cancelled", "error"})
+_LIVE_PREFIX_LEN = len(keys.LIVE_PREFIX)
 
 
 class LiveHub:
-    def __init__(self, client: Redis, idle_resync_s: float = 2.0) -> None:
-        self._client = client
+    def __init__(self, redis_url: str, idle_resync_s: float = 2.0, confirm_timeout_s: float = 2.0) -> None:
+        self._url = redis_url
+        self.confirm_timeout_s = confirm_timeout_s
         self._watchers: dict[str, set[Relay]] = {}
-        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self._subscriber: Subscriber | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.idle_resync_s = idle_resync_s
 
     def start(self) -> None:
-        self._tasks = [spawn(self._listen(), "live-hub"), spawn(self._sweep_idle(), "live-idle")]
+        self._tasks = [spawn(self._maintain(), "live-hub"), spawn(self._sweep_idle(), "live-idle")]
 
     async def close(self) -> None:
         await cancel_all(self._tasks)
-        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        if self._subscriber is not None:
+            self._subscriber.close()
 
     async def watch(self, relay: Relay) -> None:
+        """Returns once the server confirmed the subscription, so the log read that follows
+        misses nothing; or once the connection is down (reconnecting subscribes and has every
+        relay re-read its log); or after `confirm_timeout_s` (a stalled Redis: the relay's
+        log read then fails as unavailable and is retried)."""
         watchers = self._watchers.setdefault(relay.message_id, set())
         first = not watchers
         watchers.add(relay)
-        if first:
-            try:
-                await self._pubsub.subscribe(keys.live_channel(relay.message_id))
-            except CONNECTION_ERRORS as exc:
-                log.warning("subscribe_failed", error=str(exc))
+        if first and self._subscriber is not None:
+            confirmed = self._subscriber.subscribe(keys.live_channel(relay.message_id))
+            await asyncio.wait([confirmed], timeout=self.confirm_timeout_s)
 
     async def unwatch(self, relay: Relay) -> None:
         watchers = self._watchers.get(relay.message_id)
@@ -67,10 +75,8 @@ class LiveHub:
         watchers.discard(relay)
         if not watchers:
             del self._watchers[relay.message_id]
-            try:
-                await self._pubsub.unsubscribe(keys.live_channel(relay.message_id))
-            except CONNECTION_ERRORS as exc:
-                log.warning("unsubscribe_failed", error=str(exc))
+            if self._subscriber is not None:
+                self._subscriber.unsubscribe(keys.live_channel(relay.message_id))
 
     def watched(self) -> list[str]:
         return list(self._watchers)
@@ -87,44 +93,45 @@ class LiveHub:
                     if relay.last_heard < quiet_since:
                         relay.resync()
 
-    async def _listen(self) -> None:
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        watchers = self._watchers.get(channel[_LIVE_PREFIX_LEN:].decode())
+        if not watchers:
+            return
+        frame = data.decode()
+        for relay in list(watchers):
+            relay.push(frame)
+
+    async def _maintain(self) -> None:
+        """Keep one subscriber connected. After each (re)connect: subscribe every watched
+        message, then have each relay re-read its log (frames published while the connection
+        was down are in the log, not in the channel)."""
         backoff = 0.05
         while True:
             try:
-                if not self._pubsub.subscribed:
-                    await self._resubscribe()
-                message = await self._pubsub.get_message(timeout=None)
-                backoff = 0.05
-            except CONNECTION_ERRORS as exc:
+                subscriber = await Subscriber.open(self._url, self._on_message)
+            except Unavailable as exc:
                 log.warning("live_hub_retry", error=str(exc), backoff_s=backoff)
-                await self._reset()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
-            if message is None or message["type"] != "message":
-                continue
-            channel = message["channel"].decode()
-            frame = message["data"].decode()
-            for relay in list(self._watchers.get(channel[len(keys.LIVE_PREFIX) :], ())):
-                relay.push(frame)
-
-    async def _reset(self) -> None:
-        """A fresh pub/sub connection; `_resubscribe` then has every relay re-read its log."""
-        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-        self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-
-    async def _resubscribe(self) -> None:
-        """Subscribe to every watched message, then have each relay re-read its log: frames
-        published while the connection was down are in the log, not in the channel."""
-        channels = [keys.live_channel(mid) for mid in self._watchers]
-        if not channels:
-            await self._pubsub.subscribe(keys.live_channel("-"))
-            return
-        for start in range(0, len(channels), 500):
-            await self._pubsub.subscribe(*channels[start : start + 500])
-        for watchers in self._watchers.values():
-            for relay in watchers:
-                relay.resync()
+            self._subscriber = subscriber
+            try:
+                channels = [keys.live_channel(mid) for mid in self._watchers]
+                confirmed = await asyncio.gather(
+                    *(subscriber.subscribe(*channels[i : i + 500]) for i in range(0, len(channels), 500))
+                )
+                if all(confirmed):
+                    backoff = 0.05
+                    for watchers in list(self._watchers.values()):
+                        for relay in watchers:
+                            relay.resync()
+                error = await subscriber.closed
+            finally:
+                subscriber.close()
+                self._subscriber = None
+            log.warning("live_hub_retry", error=str(error), backoff_s=backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
 
 
 Send = Callable[[str], Awaitable[None]]

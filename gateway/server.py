@@ -61,8 +61,7 @@ class Gateway:
         self.config = config
         self.id = config.instance_id
         self.store = Store(connect(config.redis_url, timeout_s=2.0), config.lifetimes, config.cancel_ends)
-        self._listener = connect(config.redis_url, timeout_s=None)
-        self.hub = LiveHub(self._listener)
+        self.hub = LiveHub(config.redis_url)
         self.connections: set[Connection] = set()
         self.started = time.time()
         self.server: Server | None = None
@@ -119,7 +118,6 @@ class Gateway:
         except CONNECTION_ERRORS as exc:
             log.warning("deregister_failed", error=str(exc))
         await self.store.redis.aclose()
-        await self._listener.aclose()
         log.info("gateway_stopped")
 
     async def _handle(self, ws: ServerConnection) -> None:

@@ -66,3 +66,10 @@ def test_cancel_latency_quick(tmp_path: Path) -> None:
             assert number(figures[mode][window]["load_gaps"]["p99"]) > 0
             assert number(figures[mode][window]["streaming_commands_per_token"]) > 0
 
+
+def test_pubsub_cost_quick(tmp_path: Path) -> None:
+    figures = run_bench("pubsub_cost", tmp_path)
+    for how in ("redis-py", "subscriber"):
+        assert figures[how]["messages"] == 2_000
+        assert number(figures[how]["cpu_us_per_message"]) > 0
+        assert number(figures[how]["latency"]["p99"]) > 0
