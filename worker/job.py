@@ -134,6 +134,8 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
                 after_cancel += 1
             emit(coalescer.add(item, loop.time()))
             arm()
+            if services.writer.full:
+                await services.writer.room()
     except Exception as exc:  # an engine failure ends this message, not the worker
         log.exception("engine_failed")
         failure = f"generation failed: {type(exc).__name__}"

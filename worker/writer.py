@@ -3,6 +3,11 @@
 While one pipeline is in flight, new chunks wait; when it returns, they all leave in the
 next one. At low load each chunk leaves at once; at high load one round trip carries many
 chunks. Order per message is kept (FIFO, one pipeline at a time).
+
+The queue is bounded: past `max_pending` chunks, `full` is true and jobs wait in `room()`
+before they take the next token, so an engine never runs ahead of what Redis can take (the
+queue would otherwise grow without limit, and every chunk, a new message's first one too,
+would wait behind it).
 """
 
 from __future__ import annotations
@@ -30,12 +35,15 @@ class _Append:
 
 
 class ChunkWriter:
-    def __init__(self, store: Store, worker_id: str, max_batch: int = 512) -> None:
+    def __init__(self, store: Store, worker_id: str, max_batch: int = 512, max_pending: int = 1024) -> None:
         self._store = store
         self._worker_id = worker_id
         self._max_batch = max_batch
+        self._max_pending = max_pending
         self._queue: list[_Append] = []
         self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._closed = False
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -44,9 +52,21 @@ class ChunkWriter:
     async def close(self) -> None:
         if self._task is not None:
             await cancel_all([self._task])
+        self._closed = True
+        self._room.set()
         for item in self._queue:
             if not item.done.done():
                 item.done.set_exception(Unavailable("worker shutting down"))
+
+    @property
+    def full(self) -> bool:
+        return len(self._queue) >= self._max_pending
+
+    async def room(self) -> None:
+        """Wait until the queue is below its bound."""
+        while self.full and not self._closed:
+            self._room.clear()
+            await self._room.wait()
 
     def append(self, message_id: str, attempt: int, seq: int, frame: str) -> asyncio.Future[Append]:
         """Queue a fenced chunk write; the future says whether it was written, or refused
@@ -62,6 +82,7 @@ class ChunkWriter:
             self._wake.clear()
             while self._queue:
                 batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+                self._room.set()
                 await self._write(batch)
 
     async def _write(self, batch: list[_Append]) -> None:
