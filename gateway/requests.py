@@ -86,6 +86,7 @@ async def cancel(conn: Connection, message: Cancel) -> None:
         session_id=message.session_id,
         status=status,
         gateway_id=gw.id,
+        worker_id=worker or None,
         elapsed_ms=round(elapsed * 1000, 3),
     )
 
