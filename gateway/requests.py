@@ -11,6 +11,7 @@ import structlog
 from gateway import metrics
 from protocol.jobs import Job
 from protocol.messages import Accepted, Cancel, CancelResult, CancelStatus, Chat, Resume
+from store import Unavailable
 
 if TYPE_CHECKING:
     from gateway.connection import Connection
@@ -50,8 +51,7 @@ async def chat(conn: Connection, message: Chat) -> None:
             case "busy":
                 supersede = result.message_id
                 status, worker = await gw.store.cancel(supersede, conn.user, "superseded")
-                if worker:
-                    await gw.store.notify_worker(worker, supersede)
+                await tell_worker(conn, worker, supersede)
                 log.info("chat_supersedes", message_id=supersede, session_id=job.session_id, status=status)
             case "overloaded":
                 await conn.error("overloaded", "the job queue is full; try again later", job.request_id)
@@ -75,8 +75,8 @@ async def cancel(conn: Connection, message: Cancel) -> None:
     if target is not None:
         status, worker = await gw.store.cancel(target, conn.user, "user")
     await conn.reply(CancelResult(status=status, message_id=target, session_id=message.session_id))
-    if worker and target is not None:
-        await gw.store.notify_worker(worker, target)
+    if target is not None:
+        await tell_worker(conn, worker, target)
     elapsed = time.perf_counter() - started
     metrics.CANCELS.labels(status).inc()
     metrics.CANCEL_SECONDS.observe(elapsed)
@@ -89,6 +89,18 @@ async def cancel(conn: Connection, message: Cancel) -> None:
         worker_id=worker or None,
         elapsed_ms=round(elapsed * 1000, 3),
     )
+
+
+async def tell_worker(conn: Connection, worker: str, message_id: str) -> None:
+    """Push a cancel to the worker that runs the message ("" when none needs telling). The
+    message has already ended in the store, so a lost push only means that the worker stops
+    at its next chunk (refused) instead of at once: logged, not reported to the client."""
+    if not worker:
+        return
+    try:
+        await conn.gw.store.notify_worker(worker, message_id)
+    except Unavailable as exc:
+        log.warning("cancel_push_failed", message_id=message_id, worker_id=worker, error=str(exc))
 
 
 async def resume(conn: Connection, message: Resume) -> None:

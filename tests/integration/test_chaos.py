@@ -82,6 +82,14 @@ def owner_of(cluster: ProcessCluster, r: PrivateRedis, message_id: str) -> Proc:
     return next(p for p in cluster.workers if p.popen is not None and p.popen.pid == pid)
 
 
+def kill_owner(cluster: ProcessCluster, r: PrivateRedis, message_id: str) -> None:
+    """SIGKILL the worker generating a message and wait until it is gone."""
+    owner = owner_of(cluster, r, message_id)
+    owner.signal(signal.SIGKILL)
+    assert owner.popen is not None
+    owner.popen.wait(timeout=t(10))
+
+
 async def start(cluster: ProcessCluster, gateways: int, workers: int, rate: float = 50) -> list[Proc]:
     started = [cluster.add_gateway() for _ in range(gateways)]
     for _ in range(workers):
@@ -105,7 +113,7 @@ async def test_worker_killed_mid_stream_client_hears_worker_lost(
     async with client(gw.port or 0, "alice") as a:
         mid = await a.chat("s", max_tokens=1000)
         await streaming(a, mid)
-        owner_of(chaos_cluster, private_redis, mid).signal(signal.SIGKILL)
+        kill_owner(chaos_cluster, private_redis, mid)
         killed = time.monotonic()
         end = await a.terminal(mid, timeout=15)
         heard_after = time.monotonic() - killed
@@ -129,10 +137,7 @@ async def test_stop_after_the_worker_died_ends_at_once_and_the_reaper_keeps_the_
     async with client(gw.port or 0, "alice") as a:
         mid = await a.chat("s", max_tokens=1000)
         await streaming(a, mid)
-        owner = owner_of(chaos_cluster, private_redis, mid)
-        owner.signal(signal.SIGKILL)
-        assert owner.popen is not None
-        owner.popen.wait(timeout=t(10))
+        kill_owner(chaos_cluster, private_redis, mid)
         assert (await a.cancel(message_id=mid))["status"] == "cancelling"
         end = await a.terminal(mid, timeout=5)
         assert end["type"] == "cancelled"
