@@ -187,12 +187,11 @@ class Store:
 
     async def cancel(self, message_id: str, user: str, reason: str) -> tuple[CancelStatus, str]:
         """Cancel a message: (status, the worker to notify with `notify_worker`, or "")."""
-        frame = encode_text(Cancelled(message_id=message_id, seq=0))
-        head, tail = split_at_seq(frame)
+        head, tail = split_at_seq(encode_text(Cancelled(message_id=message_id, seq=0)))
         async with guarded():
             status, worker = await self._cancel(
                 keys=[keys.meta(message_id)],
-                args=[self._config, message_id, user, reason, frame, head, tail],
+                args=[self._config, message_id, user, reason, head, tail],
             )
         return cast(CancelStatus, _s(status)), _s(worker)
 

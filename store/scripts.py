@@ -11,9 +11,12 @@ from __future__ import annotations
 PRELUDE = r"""
 local C = cjson.decode(ARGV[1])
 
-local function save_answer(mid, text, hist_status, only_if_absent)
+local function scope_of(mid)
   local who = redis.call('HMGET', C.meta .. mid, 'user', 'session_id')
-  local scope = who[1] .. ':' .. who[2]
+  return who[1] .. ':' .. who[2]
+end
+
+local function save_answer(scope, mid, text, hist_status, only_if_absent)
   if redis.call('EXISTS', C.hist .. scope) == 0 then return end
   local answers = C.answers .. scope
   local answer = cjson.encode({text = text, status = hist_status})
@@ -35,10 +38,10 @@ local function write_terminal(mid, state, seq, frame, text, hist_status, grace_s
   redis.call('EXPIRE', meta, C.ended_ttl)
   redis.call('SET', C.grace .. mid, grace_status, 'EX', C.grace_s)
   redis.call('DEL', C.cancel .. mid)
-  local who = redis.call('HMGET', meta, 'user', 'session_id')
-  local active = C.active .. who[1] .. ':' .. who[2]
+  local scope = scope_of(mid)
+  local active = C.active .. scope
   if redis.call('GET', active) == mid then redis.call('DEL', active) end
-  if text then save_answer(mid, text, hist_status, false) end
+  if text then save_answer(scope, mid, text, hist_status, false) end
   redis.call('PUBLISH', C.live .. mid, frame)
 end
 """
@@ -73,8 +76,7 @@ return {'ok', mid}
 
 CANCEL = PRELUDE + r"""
 -- KEYS: meta
--- ARGV: config, mid, user, reason, cancelled frame with seq 0 (for a queued message),
---       the same frame split around its seq (head, tail; for a running one)
+-- ARGV: config, mid, user, reason, the `cancelled` frame split around its seq (head, tail)
 -- A running message ends here, at its last stored seq: the store is the authority, so the
 -- client's `cancelled` does not wait for the worker. The cancel key and the push then stop
 -- the worker, whose later writes are refused (state is no longer running). With
@@ -85,14 +87,14 @@ local grace = redis.call('GET', C.grace .. mid)
 if grace then return {'already_' .. grace, ''} end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'queued' then
-  write_terminal(mid, 'cancelled', 0, ARGV[5], '', 'cancelled', 'cancelled')
+  write_terminal(mid, 'cancelled', 0, ARGV[5] .. '0' .. ARGV[6], '', 'cancelled', 'cancelled')
   redis.call('HSET', KEYS[1], 'cancel_reason', ARGV[4])
   redis.call('DECR', C.queued)
   return {'cancelling', ''}
 elseif state == 'running' then
   if C.cancel_ends == 1 then
     local seq = redis.call('HGET', KEYS[1], 'last_seq')
-    write_terminal(mid, 'cancelled', seq, ARGV[6] .. seq .. ARGV[7], false, 'cancelled', 'cancelled')
+    write_terminal(mid, 'cancelled', seq, ARGV[5] .. seq .. ARGV[6], false, 'cancelled', 'cancelled')
     redis.call('HSET', KEYS[1], 'cancel_reason', ARGV[4])
   end
   if redis.call('SET', C.cancel .. mid, ARGV[4], 'NX', 'EX', C.message_ttl) then
@@ -150,7 +152,7 @@ FINISH = PRELUDE + r"""
 local m = redis.call('HMGET', KEYS[1], 'worker', 'attempt', 'state')
 if m[1] ~= ARGV[3] or m[2] ~= ARGV[4] then return 0 end
 if m[3] == 'cancelled' then
-  save_answer(ARGV[2], ARGV[8], 'cancelled', true)
+  save_answer(scope_of(ARGV[2]), ARGV[2], ARGV[8], 'cancelled', true)
   redis.call('DEL', C.cancel .. ARGV[2])
   return 3
 end
@@ -168,6 +170,6 @@ SAVE_ANSWER = PRELUDE + r"""
 -- The text of a message the store cancelled while its worker was dead (from its log), kept
 -- unless the worker saved it first.
 if redis.call('HGET', KEYS[1], 'state') ~= 'cancelled' then return 0 end
-save_answer(ARGV[2], ARGV[3], 'cancelled', true)
+save_answer(scope_of(ARGV[2]), ARGV[2], ARGV[3], 'cancelled', true)
 return 1
 """
