@@ -9,6 +9,7 @@ import signal
 
 import uvloop
 
+from protocol import coalesce
 from protocol.logconfig import configure_logging
 from store.embedded import default_redis_url
 from store.settings import Lifetimes
@@ -26,6 +27,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--n-threads", type=int, default=None)
     parser.add_argument("--n-gpu-layers", type=int, default=0)
+    parser.add_argument(
+        "--coalesce-ms",
+        type=float,
+        default=coalesce.WINDOW_S * 1000,
+        help="tokens less than this apart share a chunk (the first after a pause goes at once)",
+    )
     parser.add_argument("--grace", type=int, default=30, help="completed-message grace window, seconds")
     parser.add_argument("--drain-timeout", type=float, default=20.0, help="seconds running jobs get on SIGTERM")
     parser.add_argument("--orphan-check", type=float, default=1.0, help="seconds between orphan checks")
@@ -50,7 +57,13 @@ def build_engines(args: argparse.Namespace) -> list[Engine]:
     from worker.engines.llama import LlamaEngine
 
     return [
-        LlamaEngine(model_path=args.model, n_ctx=args.n_ctx, n_threads=args.n_threads, n_gpu_layers=args.n_gpu_layers)
+        LlamaEngine(
+            model_path=args.model,
+            n_ctx=args.n_ctx,
+            n_threads=args.n_threads,
+            n_gpu_layers=args.n_gpu_layers,
+            handoff_window_s=args.coalesce_ms / 1000,
+        )
         for _ in range(args.concurrency or 1)
     ]
 
@@ -62,6 +75,7 @@ async def serve(args: argparse.Namespace) -> None:
         concurrency=len(engines),
         drain_timeout_s=args.drain_timeout,
         orphan_check_s=args.orphan_check,
+        coalesce_window_s=args.coalesce_ms / 1000,
         poll_every_chunks=10 if args.cancel_mode == "poll" else 0,
         lifetimes=Lifetimes(grace_s=args.grace),
     )

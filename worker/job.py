@@ -9,6 +9,7 @@ from typing import Literal
 
 import structlog
 
+from protocol import coalesce
 from protocol.coalesce import Coalescer
 from protocol.jobs import Job
 from protocol.messages import Cancelled, Chunk, Done, Error, Terminal, encode_text
@@ -39,7 +40,7 @@ class JobServices:
     writer: ChunkWriter
     engine: Engine
     worker_id: str
-    coalesce_window_s: float = 0.005
+    coalesce_window_s: float = coalesce.WINDOW_S
     with_history: bool = False
     poll_every_chunks: int = 0
     """Baseline for benchmarks only: check the cancel key every N chunks (the usual fix),

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import redis.exceptions
 import structlog
 
+from protocol import coalesce
 from protocol.jobs import Job, job_decoder
 from store import keys
 from store.redis_store import CONNECTION_ERRORS, Redis, Store, connect, retry
@@ -43,7 +44,7 @@ class WorkerConfig:
     orphan_check_s: float = 1.0
     reap_interval_s: float = 1.0
     drain_timeout_s: float = 20.0
-    coalesce_window_s: float = 0.005
+    coalesce_window_s: float = coalesce.WINDOW_S
     poll_every_chunks: int = 0
     """0: cancels are pushed (pub/sub). N > 0: benchmark baseline, poll the cancel key every N chunks."""
     lifetimes: Lifetimes = field(default_factory=Lifetimes)

@@ -1,10 +1,11 @@
 """The llama.cpp engine (llama-cpp-python), by default on the tiny built-in model.
 
 All model work runs on one dedicated thread per engine, so one engine instance runs one
-generation at a time (a second `generate` waits for the first). The thread hands each
-item to the event loop with `call_soon_threadsafe` on an `asyncio.Queue`, checks the
-cancel token after every token, and llama.cpp's abort callback reads the same token
-while a batch is evaluated, so a cancel during a long prompt stops the prefill as well.
+generation at a time (a second `generate` waits for the first). The thread hands its
+pieces to the event loop through a `Handoff`, which wakes the loop at most once per
+coalescing window; it checks the cancel token after every token, and llama.cpp's abort
+callback reads the same token while the prompt is evaluated, so a cancel during a long
+prompt stops the prefill as well.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ import llama_cpp
 import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from protocol import coalesce
 from worker.cancel_token import CancelToken, Phase
 from worker.engines.base import Finish, GenerationRequest, Turn
+from worker.engines.handoff import Handoff
 from worker.model import ensure_builtin_model
 
 _BANNED_ATTRS = (
@@ -58,6 +61,7 @@ def _on_llama_log(level: int, text: bytes, _user_data: object) -> None:
 
 
 _LOG_CALLBACK = llama_cpp.llama_log_callback(_on_llama_log)
+_NO_ABORT_CALLBACK = llama_cpp.ggml_abort_callback()  # a NULL function pointer: none
 
 
 @dataclass(slots=True)
@@ -86,7 +90,7 @@ _Item = str | Finish | Exception | _Done
 class _Job:
     request: GenerationRequest
     token: CancelToken
-    emit: Callable[[_Item], None]
+    handoff: Handoff[_Item]
     stats: GenerationStats = field(default_factory=GenerationStats)
     abandoned: bool = False
     """Set when the consumer stops iterating early (or the engine closes)."""
@@ -94,6 +98,14 @@ class _Job:
     @property
     def stopped(self) -> bool:
         return self.token.cancelled or self.abandoned
+
+    def emit(self, item: _Item) -> None:
+        """Hand `item` to the loop; the end of the job (anything but text) at once."""
+        if isinstance(item, str):
+            self.handoff.wait_for_room(lambda: self.stopped)
+            self.handoff.put(item)
+        else:
+            self.handoff.put(item, urgent=True)
 
 
 class LlamaEngine:
@@ -113,6 +125,7 @@ class LlamaEngine:
         min_p: float = 0.05,
         n_batch: int = 512,
         n_ubatch: int = 128,
+        handoff_window_s: float = coalesce.WINDOW_S,
     ) -> None:
         self._model_path = Path(model_path) if model_path is not None else None
         self.n_ctx = n_ctx
@@ -122,6 +135,7 @@ class LlamaEngine:
         self._sampling = (temperature, top_k, top_p, min_p)
         self._n_batch = n_batch
         self._n_ubatch = n_ubatch
+        self._handoff_window_s = handoff_window_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-gen")
         self._llm: llama_cpp.Llama | None = None
         self._vocab: Any = None
@@ -163,7 +177,6 @@ class LlamaEngine:
         self.n_ctx = llm.n_ctx()
         self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
         self._abort_cb = llama_cpp.ggml_abort_callback(self._should_abort)
-        llama_cpp.llama_set_abort_callback(llm.ctx, self._abort_cb, None)
         self._bias = self._banned_token_bias()
         template = llm.metadata.get("tokenizer.chat_template")
         if template:
@@ -199,7 +212,7 @@ class LlamaEngine:
         return bytes(llama_cpp.llama_vocab_get_text(self._vocab, tok)).decode("utf-8")
 
     def _should_abort(self, _data: object) -> bool:
-        """llama.cpp's abort callback: called between graph nodes during a decode."""
+        """llama.cpp's abort callback: called between graph nodes while a prompt is evaluated."""
         job = self._active
         if job is None or not job.stopped:
             return False
@@ -271,29 +284,37 @@ class LlamaEngine:
     async def generate(
         self, request: GenerationRequest, token: CancelToken
     ) -> AsyncGenerator[str | Finish, None]:
+        """Pieces that arrive within one window are yielded joined, as one."""
         self._require_llm()
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[_Item] = asyncio.Queue()
-
-        def emit(item: _Item) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        job = _Job(request, token, emit)
+        handoff: Handoff[_Item] = Handoff(loop, self._handoff_window_s)
+        token.add_callback(lambda _token: handoff.wake_producer())
+        job = _Job(request, token, handoff)
         self.last_stats = job.stats
         future = loop.run_in_executor(self._executor, self._run_job, job)
         try:
             while True:
-                item = await queue.get()
-                if isinstance(item, _Done):
-                    break
-                if isinstance(item, Exception):
-                    raise item
-                if token.cancelled:
-                    continue  # the thread is stopping; nothing is yielded after a cancel
-                yield item
+                text: list[str] = []
+                for item in await handoff.take():
+                    if isinstance(item, str):
+                        text.append(item)
+                        continue
+                    if text and not token.cancelled:
+                        yield "".join(text)
+                    text = []
+                    if isinstance(item, _Done):
+                        return
+                    if isinstance(item, Exception):
+                        raise item
+                    if not token.cancelled:
+                        yield item
+                if text and not token.cancelled:  # nothing is yielded after a cancel
+                    yield "".join(text)
         finally:
             job.abandoned = True
+            handoff.wake_producer()
             await future
+            handoff.close()
 
     # generation (thread side)
 
@@ -320,7 +341,7 @@ class LlamaEngine:
         if job.stopped:
             return
         job.token.set_phase(Phase.PROMPT)
-        if not self._eval(job, self._reuse_prefix(tokens)):
+        if not self._eval_prompt(job, self._reuse_prefix(tokens)):
             return
         job.token.set_phase(Phase.GENERATING)
         sampler = self._new_sampler()
@@ -383,6 +404,19 @@ class LlamaEngine:
         llm = self._require_llm()
         llm.n_tokens = 0
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+
+    def _eval_prompt(self, job: _Job, tokens: list[int]) -> bool:
+        """`_eval` with llama.cpp's abort callback attached, so a cancel stops a long prompt
+        evaluation. llama.cpp calls it after every graph node, and a Python callback takes the
+        GIL each time (~45 times per token on the built-in model, a fifth of the decode time,
+        and more while the event loop holds the GIL): it is detached for decoding, where the
+        cancel flag is read after every token."""
+        llm = self._require_llm()
+        llama_cpp.llama_set_abort_callback(llm.ctx, self._abort_cb, None)
+        try:
+            return self._eval(job, tokens)
+        finally:
+            llama_cpp.llama_set_abort_callback(llm.ctx, _NO_ABORT_CALLBACK, None)
 
     def _eval(self, job: _Job, tokens: list[int]) -> bool:
         """Evaluate `tokens`; False when the abort callback stopped it for a cancel."""
