@@ -117,7 +117,7 @@ class Gateway:
             await self.store.redis.delete(keys.instance("gateway", self.id))
         except CONNECTION_ERRORS as exc:
             log.warning("deregister_failed", error=str(exc))
-        await self.store.redis.aclose()
+        await self.store.close()
         log.info("gateway_stopped")
 
     async def _handle(self, ws: ServerConnection) -> None:

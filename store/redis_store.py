@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, cast
 
+import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
@@ -25,6 +26,7 @@ from protocol.messages import (
     server_decoder,
 )
 from store import Unavailable, keys, scripts
+from store.lean import Command, LeanClient
 from store.settings import Lifetimes
 
 CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
@@ -140,6 +142,12 @@ class Store:
                 "cancel_ends": int(cancel_ends),
             }
         )
+        pool = client.connection_pool
+        self.lean = LeanClient(
+            dict(pool.connection_kwargs, connection_class=pool.connection_class),
+            timeout_s=pool.connection_kwargs.get("socket_timeout") or 2.0,
+        )
+        """The hot paths (chunk writes, cancels) go through one lean pipelined connection."""
         self._submit = client.register_script(scripts.SUBMIT)
         self._cancel = client.register_script(scripts.CANCEL)
         self._claim = client.register_script(scripts.CLAIM)
@@ -147,6 +155,10 @@ class Store:
         self._append_sha = hashlib.sha1(scripts.APPEND.encode()).hexdigest()
         self._finish = client.register_script(scripts.FINISH)
         self._save_answer = client.register_script(scripts.SAVE_ANSWER)
+
+    async def close(self) -> None:
+        await self.lean.close()
+        await self.redis.aclose()
 
     async def ping(self) -> bool:
         async with guarded():
@@ -189,16 +201,27 @@ class Store:
         """Cancel a message: (status, the worker to notify with `notify_worker`, or "")."""
         head, tail = split_at_seq(encode_text(Cancelled(message_id=message_id, seq=0)))
         async with guarded():
-            status, worker = await self._cancel(
-                keys=[keys.meta(message_id)],
-                args=[self._config, message_id, user, reason, head, tail],
+            status, worker = await self._lean_script(
+                self._cancel, [keys.meta(message_id)], [self._config, message_id, user, reason, head, tail]
             )
         return cast(CancelStatus, _s(status)), _s(worker)
+
+    async def _lean_script(self, script: Any, script_keys: list[str], args: list[Any]) -> Any:
+        """Run a registered script by EVALSHA on the lean connection; redis-py's slower path
+        (which loads it) only when Redis has lost its scripts (NOSCRIPT)."""
+        (reply,) = await self.lean.execute([("EVALSHA", script.sha, len(script_keys), *script_keys, *args)])
+        if isinstance(reply, hiredis.ReplyError):
+            if str(reply).startswith("NOSCRIPT"):
+                return await script(keys=script_keys, args=args)
+            raise redis.exceptions.ResponseError(str(reply))
+        return reply
 
     async def notify_worker(self, worker_id: str, message_id: str) -> None:
         """Push a cancel to the worker running the message (its cancel key is already set)."""
         async with guarded():
-            await self.redis.publish(keys.cancel_channel(worker_id), message_id)
+            (reply,) = await self.lean.execute([("PUBLISH", keys.cancel_channel(worker_id), message_id)])
+        if isinstance(reply, hiredis.ReplyError):
+            raise redis.exceptions.ResponseError(str(reply))
 
     async def active_message(self, user: str, session_id: str) -> str | None:
         async with guarded():
@@ -294,23 +317,23 @@ class Store:
         async with guarded():
             await self.redis.script_load(scripts.APPEND)
 
-    def append_in(self, pipe: Any, message_id: str, worker_id: str, attempt: int, seq: int, frame: str) -> None:
-        """Queue a fenced chunk write on a pipeline (the worker batches chunks of all jobs).
-        A NOSCRIPT reply means Redis lost its scripts: `load_append_script`, then retry."""
-        pipe.evalsha(
+    def append_command(self, message_id: str, worker_id: str, attempt: int, seq: int, frame: str) -> Command:
+        """A fenced chunk write, for a batch on the lean connection (the worker batches the
+        chunks of all its jobs). Its reply is an `APPEND_RESULTS` key; NOSCRIPT means Redis
+        lost its scripts: `load_append_script`, then retry."""
+        return (
+            "EVALSHA",
             self._append_sha,
             2,
             keys.meta(message_id),
             keys.log(message_id),
-            *[
-                worker_id,
-                attempt,
-                seq,
-                frame,
-                keys.live_channel(message_id),
-                self.lifetimes.log_maxlen,
-                self.lifetimes.message_ttl_s,
-            ],
+            worker_id,
+            attempt,
+            seq,
+            frame,
+            keys.live_channel(message_id),
+            self.lifetimes.log_maxlen,
+            self.lifetimes.message_ttl_s,
         )
 
     async def finish(

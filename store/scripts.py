@@ -128,12 +128,15 @@ return {'run', attempt, tonumber(m[3])}
 APPEND = r"""
 -- KEYS: meta, log; ARGV: worker, attempt, seq, frame, live channel, log maxlen, message ttl
 -- Returns 1 (written), 2 (refused: the message was cancelled, stop), 0 (refused: not ours).
-local m = redis.call('HMGET', KEYS[1], 'worker', 'attempt', 'state')
+-- A seq already written is answered 1 and not written again: a worker resends its batch when
+-- the connection dropped before the replies came back.
+local m = redis.call('HMGET', KEYS[1], 'worker', 'attempt', 'state', 'last_seq')
 if m[1] ~= ARGV[1] or m[2] ~= ARGV[2] then return 0 end
 if m[3] ~= 'running' then
   if m[3] == 'cancelled' then return 2 end
   return 0
 end
+if tonumber(ARGV[3]) <= tonumber(m[4] or '0') then return 1 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], ARGV[3] .. '-0', 'f', ARGV[4])
 if ARGV[3] == '1' then redis.call('EXPIRE', KEYS[2], ARGV[7]) end
 redis.call('HSET', KEYS[1], 'last_seq', ARGV[3])

@@ -15,15 +15,14 @@ confirmation still pending is then resolved with False.
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
 import hiredis
-from redis.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+from redis.connection import parse_url
 
-from store import Unavailable
+from store.lean import auth_command, open_transport
 
 OnMessage = Callable[[bytes, bytes], None]
 """(channel, data) of each published message."""
@@ -50,28 +49,11 @@ class Subscriber(asyncio.Protocol):
         """Connect (TCP, TLS or unix socket, with AUTH from the URL); `Unavailable` if Redis
         cannot be reached within `timeout_s`."""
         options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
-        loop = asyncio.get_running_loop()
-        subscriber = cls(on_message)
-        try:
-            async with asyncio.timeout(timeout_s):
-                if options.get("connection_class") is UnixDomainSocketConnection:
-                    await loop.create_unix_connection(lambda: subscriber, options["path"])
-                else:
-                    tls = ssl.create_default_context() if options.get("connection_class") is SSLConnection else None
-                    await loop.create_connection(
-                        lambda: subscriber, options.get("host", "localhost"), options.get("port", 6379), ssl=tls
-                    )
-        except (OSError, TimeoutError) as exc:
-            raise Unavailable(f"redis unreachable: {exc}") from exc
-        password = options.get("password")
-        if password:
-            username = options.get("username")
+        subscriber = await open_transport(options, lambda: cls(on_message), timeout_s)
+        auth = auth_command(options)
+        if auth is not None:
             subscriber._auth_pending += 1
-            subscriber._write(
-                _command(b"AUTH", username.encode(), password.encode())
-                if username
-                else _command(b"AUTH", password.encode())
-            )
+            subscriber._write(_command(*(part.encode() for part in auth)))
         return subscriber
 
     # --- commands -----------------------------------------------------------------------

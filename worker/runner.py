@@ -102,7 +102,8 @@ class Worker:
             log.warning("deregister_failed", error=str(exc), note="the keys expire by their TTL")
         for engine in self._all_engines:
             await engine.close()
-        for client in (self.store.redis, self._blocking, self._listener):
+        await self.store.close()
+        for client in (self._blocking, self._listener):
             await client.aclose()
         log.info("worker_stopped")
 

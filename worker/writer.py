@@ -1,6 +1,6 @@
-"""Batches chunk writes of all jobs of a worker into pipelines.
+"""Batches chunk writes of all jobs of a worker into pipelines (on the store's lean connection).
 
-While one pipeline is in flight, new chunks wait; when it returns, they all leave in the
+While one batch is in flight, new chunks wait; when it returns, they all leave in the
 next one. At low load each chunk leaves at once; at high load one round trip carries many
 chunks. Order per message is kept (FIFO, one pipeline at a time).
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+import hiredis
 import redis.exceptions
 import structlog
 
@@ -90,13 +91,12 @@ class ChunkWriter:
         refused with NOSCRIPT (Redis restarted) are retried once the script is loaded again."""
         backoff = 0.05
         while batch:
+            commands = [
+                self._store.append_command(item.message_id, self._worker_id, item.attempt, item.seq, item.frame)
+                for item in batch
+            ]
             try:
-                async with self._store.redis.pipeline(transaction=False) as pipe:
-                    for item in batch:
-                        self._store.append_in(
-                            pipe, item.message_id, self._worker_id, item.attempt, item.seq, item.frame
-                        )
-                    results = await pipe.execute(raise_on_error=False)
+                results = await self._store.lean.execute(commands)
             except CONNECTION_ERRORS as exc:
                 log.warning("chunk_write_retry", error=str(exc), chunks=len(batch), backoff_s=backoff)
                 await asyncio.sleep(backoff)
@@ -104,12 +104,12 @@ class ChunkWriter:
                 continue
             retry: list[_Append] = []
             for item, result in zip(batch, results):
-                if isinstance(result, redis.exceptions.NoScriptError):
+                if isinstance(result, hiredis.ReplyError) and str(result).startswith("NOSCRIPT"):
                     retry.append(item)
                 elif item.done.done():
                     continue
-                elif isinstance(result, Exception):
-                    item.done.set_exception(result)
+                elif isinstance(result, hiredis.ReplyError):
+                    item.done.set_exception(redis.exceptions.ResponseError(str(result)))
                 else:
                     item.done.set_result(APPEND_RESULTS[int(result)])
             if retry:

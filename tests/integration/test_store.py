@@ -35,4 +35,4 @@ async def test_chunk_writer_is_bounded_and_frees_room_as_batches_leave(redis_url
         assert not writer.full
     finally:
         await writer.close()
-        await store.redis.aclose()
+        await store.close()

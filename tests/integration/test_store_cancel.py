@@ -28,7 +28,7 @@ async def store(redis_url: str) -> AsyncIterator[Store]:
     try:
         yield s
     finally:
-        await s.redis.aclose()
+        await s.close()
 
 
 async def running_message(store: Store, user: str = "u", session: str = "s") -> tuple[str, int]:
@@ -43,9 +43,7 @@ async def running_message(store: Store, user: str = "u", session: str = "s") -> 
 
 async def append(store: Store, mid: str, attempt: int, seq: int, text: str) -> Append:
     frame = encode_text(Chunk(message_id=mid, seq=seq, text=text))
-    async with store.redis.pipeline(transaction=False) as pipe:
-        store.append_in(pipe, mid, WORKER, attempt, seq, frame)
-        (result,) = await pipe.execute()
+    (result,) = await store.lean.execute([store.append_command(mid, WORKER, attempt, seq, frame)])
     return APPEND_RESULTS[int(result)]
 
 
@@ -120,6 +118,17 @@ async def test_finish_that_lands_first_wins_and_the_late_cancel_is_already_compl
     assert [f["type"] for f in await log_frames(store, mid)] == ["chunk", "done"]
 
 
+async def test_a_resent_chunk_is_answered_written_and_stored_once(store: Store) -> None:
+    """A worker resends its whole batch when the connection dropped before the replies."""
+    mid, attempt = await running_message(store)
+    assert await append(store, mid, attempt, 1, "a ") == "written"
+    assert await append(store, mid, attempt, 2, "b ") == "written"
+    assert await append(store, mid, attempt, 1, "a ") == "written"
+    assert await append(store, mid, attempt, 2, "b ") == "written"
+    assert await append(store, mid, attempt, 3, "c ") == "written"
+    assert [f["seq"] for f in await log_frames(store, mid)] == [1, 2, 3]
+
+
 async def test_another_users_cancel_touches_nothing(store: Store) -> None:
     mid, attempt = await running_message(store, user="owner")
     assert await store.cancel(mid, "intruder", "user") == ("not_found", "")
@@ -161,4 +170,4 @@ async def test_polling_baseline_only_sets_the_key_and_the_worker_ends_the_messag
         frames = await log_frames(store, mid)
         assert frames[-1] == msgspec.json.decode(encode_text(Cancelled(message_id=mid, seq=2)))
     finally:
-        await store.redis.aclose()
+        await store.close()
