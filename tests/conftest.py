@@ -37,6 +37,20 @@ def redis_url(redis_server: str) -> str:
 
 
 @pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[tuple[str, redis.Redis]]:
+    """A redis-server of the test's own, for tests that change its configuration: (url, admin)."""
+    port = embedded.free_port()
+    proc = embedded.start(port, tmp_path / "redis")
+    client = redis.Redis(port=port)
+    try:
+        yield f"redis://127.0.0.1:{port}/0", client
+    finally:
+        client.close()
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
 async def process_cluster(redis_url: str, tmp_path: Path) -> AsyncIterator[ProcessCluster]:
     cluster = ProcessCluster(redis_url, tmp_path)
     try:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import hiredis
 import pytest
@@ -19,19 +17,6 @@ from tests.support import t
 
 def lean(url: str, timeout_s: float = 2.0) -> LeanClient:
     return LeanClient(parse_url(url), timeout_s=timeout_s)  # type: ignore[no-untyped-call]
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[tuple[str, sync_redis.Redis]]:
-    port = embedded.free_port()
-    proc = embedded.start(port, tmp_path / "redis")
-    client = sync_redis.Redis(port=port)
-    try:
-        yield f"redis://127.0.0.1:{port}/0", client
-    finally:
-        client.close()
-        proc.kill()
-        proc.wait()
 
 
 async def test_a_batch_answers_in_order_with_errors_as_values(redis_url: str) -> None:

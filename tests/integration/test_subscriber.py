@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis as sync_redis
@@ -28,19 +26,6 @@ class Inbox:
             while len(self.messages) < count:
                 self._new.clear()
                 await self._new.wait()
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[tuple[str, sync_redis.Redis]]:
-    port = embedded.free_port()
-    proc = embedded.start(port, tmp_path / "redis")
-    client = sync_redis.Redis(port=port)
-    try:
-        yield f"redis://127.0.0.1:{port}/0", client
-    finally:
-        client.close()
-        proc.kill()
-        proc.wait()
 
 
 async def test_messages_of_subscribed_channels_only_after_confirmation(redis_url: str) -> None:
