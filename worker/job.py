@@ -70,7 +70,7 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
             )
         ]
     request = GenerationRequest(job.message_id, job.text, job.max_tokens, history)
-    coalescer = Coalescer(window_s=services.coalesce_window_s)
+    coalescer = Coalescer(window_s=0.0 if services.engine.coalesces else services.coalesce_window_s)
     seq = start_seq
     chunks: list[str] = []
     """Text of each chunk, seq `start_seq + 1` onwards."""

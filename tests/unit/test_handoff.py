@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any
+
+import pytest
 
 from worker.engines.handoff import Handoff
 
@@ -79,6 +82,35 @@ async def test_fast_producer_wakes_the_loop_about_once_per_window() -> None:
     assert received == [*range(count), -1]
     assert takes <= elapsed / window + 3, (takes, elapsed)
     assert takes < count / 5
+
+
+async def test_a_steady_producer_does_not_wake_the_loop_once_it_is_ticking(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    wakes: list[object] = []
+    original = loop.call_soon_threadsafe
+
+    def counting(callback: Any, *args: Any) -> asyncio.Handle:
+        wakes.append(callback)
+        return original(callback, *args)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+    handoff: Handoff[int] = Handoff(loop, window_s=0.02, max_items=10_000)
+
+    def produce() -> None:
+        for n in range(200):
+            handoff.put(n)
+            time.sleep(0.0005)
+        handoff.put(-1, urgent=True)
+
+    in_thread(produce)
+    received: list[int] = []
+    async with asyncio.timeout(TIMEOUT * 4):
+        while not received or received[-1] != -1:
+            received.extend(await handoff.take())
+    assert received == [*range(200), -1]
+    # the first item, the second (which starts the ticks), the end; a stall of the producer
+    # thread longer than a window would add one more
+    assert len(wakes) <= 6, len(wakes)
 
 
 async def test_bounded_producer_waits_for_the_consumer() -> None:

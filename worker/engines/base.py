@@ -38,6 +38,9 @@ class Finish:
 
 class Engine(Protocol):
     name: str
+    coalesces: bool
+    """True if the engine already joins the pieces of one coalescing window (the job then
+    sends each piece as it comes instead of holding it again)."""
 
     async def start(self) -> None:
         """Load weights and warm up; called once before the first job."""

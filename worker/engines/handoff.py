@@ -5,8 +5,10 @@ each wake-up takes the GIL from the thread that runs the model: at ~1,600 tokens
 slowed generation by about a tenth. Here the thread appends to a deque and wakes the loop only
 when no wake-up is already on its way; the loop releases what has gathered at once if the
 previous release is at least `window_s` old, else at the end of that window (the same rule as
-`protocol.coalesce`, whose chunks would have joined those tokens anyway). So the first token
-after a quiet spell goes out at once and a fast engine costs the loop one wake-up per window.
+`protocol.coalesce`). While items keep coming, the loop's own tick at the end of each window
+releases them and the thread does not wake it at all; a tick that finds nothing goes quiet. So
+the first token after a pause goes out at once, a slow engine costs one wake-up per token, and
+a fast one one per window.
 
 The deque is bounded: past `max_items`, the thread waits for the loop to take them (a stalled
 consumer, e.g. a worker whose Redis writes are backed up, slows the model instead of filling
@@ -47,7 +49,7 @@ class Handoff(Generic[T]):
         """Queue `item`; `urgent` ones (the end of a job) are released at once."""
         self._items.append(item)
         if urgent:
-            self._loop.call_soon_threadsafe(self._release)
+            self._loop.call_soon_threadsafe(self._release, False)
         elif not self._wake_pending:
             self._wake_pending = True
             self._loop.call_soon_threadsafe(self._on_wake)
@@ -70,16 +72,24 @@ class Handoff(Generic[T]):
     def _on_wake(self) -> None:
         due = self._released_at + self._window_s
         if self._loop.time() >= due:
-            self._release()
+            self._release(False)
         elif self._timer is None:
-            self._timer = self._loop.call_at(due, self._release)
+            self._timer = self._loop.call_at(due, self._on_tick)
 
-    def _release(self) -> None:
+    def _on_tick(self) -> None:
+        self._timer = None
+        self._wake_pending = False  # before looking: an item appended from now on wakes the loop
+        if self._items:
+            self._release(True)
+
+    def _release(self, keep_ticking: bool) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._wake_pending = False
-        self._released_at = self._loop.time()
+        self._released_at = now = self._loop.time()
+        self._wake_pending = keep_ticking
+        if keep_ticking:
+            self._timer = self._loop.call_at(now + self._window_s, self._on_tick)
         self._ready.set()
 
     async def take(self) -> list[T]:

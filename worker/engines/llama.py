@@ -110,6 +110,7 @@ class _Job:
 
 class LlamaEngine:
     name = "llama"
+    coalesces = True
 
     def __init__(
         self,

@@ -68,6 +68,7 @@ worker process (SIGKILL) before its first token: a poison job."""
 
 class SyntheticEngine:
     name = "synthetic"
+    coalesces = False
 
     def __init__(self, rate: float = 20.0) -> None:
         self.rate = rate
