@@ -172,8 +172,9 @@ class Store:
             keys.request(job.user, job.session_id, job.request_id) if job.request_id else ""
         )
         async with guarded():
-            outcome, mid = await self._submit(
-                keys=[
+            outcome, mid = await self._lean_script(
+                self._submit,
+                [
                     keys.meta(job.message_id),
                     keys.active(job.user, job.session_id),
                     keys.history(job.user, job.session_id),
@@ -259,16 +260,21 @@ class Store:
                     pipe.set(keys.attach_lease(mid), b"1", px=lease_ms)
                 await pipe.execute()
 
-    async def history(self, user: str, session_id: str) -> list[HistoryTurn]:
+    async def history(self, user: str, session_id: str, before: str | None = None) -> list[HistoryTurn]:
+        """The session's turns, oldest first; with `before`, only those of earlier messages
+        (one round trip unless an earlier answer is still in flight)."""
         async with guarded():
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.lrange(keys.history(user, session_id), 0, -1)
-                pipe.hgetall(keys.answers(user, session_id))
-                raw_turns, raw_answers = await pipe.execute()
-            answers = {_s(k): answer_decoder.decode(v) for k, v in raw_answers.items()}
+            raw_turns, raw_answers = await self.lean.execute(
+                [("LRANGE", keys.history(user, session_id), 0, -1), ("HGETALL", keys.answers(user, session_id))]
+            )
+            answers = {
+                _s(raw_answers[i]): answer_decoder.decode(raw_answers[i + 1]) for i in range(0, len(raw_answers), 2)
+            }
             turns: list[HistoryTurn] = []
             for raw in raw_turns:
                 stored = turn_decoder.decode(raw)
+                if stored.message_id == before:
+                    break
                 turns.append(HistoryTurn(stored.message_id, "user", stored.text, "complete"))
                 answer = answers.get(stored.message_id) or await self._in_flight(stored.message_id)
                 if answer is not None:
@@ -298,8 +304,8 @@ class Store:
     async def claim(self, message_id: str, worker_id: str, now_ms: int) -> int | None:
         """Move a queued message to running; its attempt number, or None if not to run."""
         async with guarded():
-            outcome, attempt = await self._claim(
-                keys=[keys.meta(message_id), keys.QUEUED_COUNTER], args=[worker_id, now_ms]
+            outcome, attempt = await self._lean_script(
+                self._claim, [keys.meta(message_id), keys.QUEUED_COUNTER], [worker_id, now_ms]
             )
         return int(attempt) if _s(outcome) == "run" else None
 
@@ -378,11 +384,9 @@ class Store:
 
     async def session_turns(self, user: str, session_id: str, before: str) -> list[tuple[str, str, str]]:
         """(role, text, message_id) of a session's turns before message `before`, oldest first."""
-        turns = await self.history(user, session_id)
+        turns = await self.history(user, session_id, before)
         out: list[tuple[str, str, str]] = []
         for turn in turns:
-            if turn.message_id == before:
-                break
             if turn.status in ("complete", "cancelled") and turn.text:
                 out.append((turn.role, turn.text, turn.message_id))
         return out

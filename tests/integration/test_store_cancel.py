@@ -171,3 +171,20 @@ async def test_polling_baseline_only_sets_the_key_and_the_worker_ends_the_messag
         assert frames[-1] == msgspec.json.decode(encode_text(Cancelled(message_id=mid, seq=2)))
     finally:
         await store.close()
+
+
+async def test_session_turns_are_those_of_earlier_messages_only(store: Store) -> None:
+    """The worker's prompt history: one round trip, nothing of the message being generated."""
+    first, attempt = await running_message(store, session="hist")
+    assert await append(store, first, attempt, 1, "one ") == "written"
+    assert await finish_done(store, first, attempt, 1, "one ") == "ended"
+    second, _ = await running_message(store, session="hist")
+    assert await store.session_turns("u", "hist", before=second) == [
+        ("user", "hi", first),
+        ("assistant", "one ", first),
+    ]
+    assert await store.session_turns("u", "hist", before=first) == []
+    assert [(t.message_id, t.role) for t in await store.history("u", "hist")][2:] == [
+        (second, "user"),
+        (second, "assistant"),  # streaming, no text yet
+    ]
