@@ -11,7 +11,9 @@ Redis call never delays a heartbeat.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
@@ -91,6 +93,7 @@ class Connection:
         self.channel = SendChannel(ws, gateway.config.slow_client_timeout_s)
         self.user = "anonymous"
         self.relays: dict[str, tuple[Relay, asyncio.Task[None]]] = {}
+        self._cancels_in_flight: dict[str, asyncio.Event] = {}
         self.requests: asyncio.Queue[ClientMessage] = asyncio.Queue(gateway.config.max_pending_requests)
 
     # --- sending ------------------------------------------------------------------------
@@ -220,7 +223,9 @@ class Connection:
         previous = self.relays.pop(message_id, None)
         if previous is not None:
             previous[1].cancel()
-        relay = Relay(self.gw.hub, self.gw.store, message_id, after_seq, self.channel.send)
+        relay = Relay(
+            self.gw.hub, self.gw.store, message_id, after_seq, self.channel.send, before_terminal=self._after_cancel_result
+        )
         task = spawn(self._run_relay(relay), f"relay-{message_id}")
         self.relays[message_id] = (relay, task)
 
@@ -238,6 +243,24 @@ class Connection:
         current = self.relays.get(relay.message_id)
         if current is not None and current[0] is relay:
             del self.relays[relay.message_id]
+
+    @contextlib.contextmanager
+    def cancel_result_first(self, message_id: str) -> Iterator[None]:
+        """While a cancel of `message_id` is answered on this connection, its terminal waits:
+        the store publishes `cancelled` before it answers the gateway, and PROTOCOL.md has
+        `cancel_result` (`cancelling`: the terminal follows) come first."""
+        released = self._cancels_in_flight[message_id] = asyncio.Event()
+        try:
+            yield
+        finally:
+            released.set()
+            if self._cancels_in_flight.get(message_id) is released:
+                del self._cancels_in_flight[message_id]
+
+    async def _after_cancel_result(self, message_id: str) -> None:
+        released = self._cancels_in_flight.get(message_id)
+        if released is not None:
+            await released.wait()
 
     def watching(self) -> list[str]:
         return [mid for mid, (relay, _t) in self.relays.items() if not relay.finished]

@@ -135,6 +135,8 @@ class LiveHub:
 
 
 Send = Callable[[str], Awaitable[None]]
+BeforeTerminal = Callable[[str], Awaitable[None]]
+"""Awaited with the message id before a terminal frame is sent."""
 
 
 class Relay:
@@ -148,12 +150,14 @@ class Relay:
         after_seq: int,
         send: Send,
         max_inbox: int = 256,
+        before_terminal: BeforeTerminal | None = None,
     ) -> None:
         self.hub = hub
         self.store = store
         self.message_id = message_id
         self.tracker = SeqTracker(last_seq=after_seq)
         self._send = send
+        self._before_terminal = before_terminal
         self._inbox: deque[str] = deque()
         self._max_inbox = max_inbox
         self._wake = asyncio.Event()
@@ -222,6 +226,8 @@ class Relay:
         envelope = _envelope.decode(frame)
         verdict = self.tracker.offer(envelope.seq, envelope.type in TERMINAL_TYPES)
         if verdict is Verdict.DELIVER:
+            if self._before_terminal is not None and envelope.type in TERMINAL_TYPES:
+                await self._before_terminal(self.message_id)
             await self._send(frame)
         elif verdict is Verdict.GAP:
             self._resync = True

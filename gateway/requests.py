@@ -72,9 +72,10 @@ async def cancel(conn: Connection, message: Cancel) -> None:
             target = await gw.store.last_message(conn.user, message.session_id)
     status: CancelStatus = "not_found"
     worker = ""
-    if target is not None:
-        status, worker = await gw.store.cancel(target, conn.user, "user")
-    await conn.reply(CancelResult(status=status, message_id=target, session_id=message.session_id))
+    with conn.cancel_result_first(target or ""):
+        if target is not None:
+            status, worker = await gw.store.cancel(target, conn.user, "user")
+        await conn.reply(CancelResult(status=status, message_id=target, session_id=message.session_id))
     if target is not None:
         await tell_worker(conn, worker, target)
     elapsed = time.perf_counter() - started

@@ -121,6 +121,20 @@ async def test_cancel_during_a_long_stream(cluster: ProcessCluster) -> None:
         assert history["turns"][-1]["text"] == a.text(mid)
 
 
+async def test_on_the_watching_connection_cancel_result_comes_before_cancelled(cluster: ProcessCluster) -> None:
+    """PROTOCOL.md: `cancelling` means the terminal `cancelled` follows. The store publishes
+    that terminal before it answers the gateway, so without care it could overtake the answer."""
+    name = user()
+    async with client(ports(cluster)[0], name) as a:
+        for round_ in range(20):
+            mid = await a.chat(f"order-{round_}", max_tokens=2000)
+            await a.wait_for(lambda f: f["type"] == "chunk" and f["message_id"] == mid)
+            assert (await a.cancel(message_id=mid))["status"] == "cancelling"
+            await a.terminal(mid)
+            order = [f["type"] for f in a.frames if f.get("message_id") == mid and f["type"] in ("cancel_result", "cancelled")]
+            assert order == ["cancel_result", "cancelled"], (round_, order)
+
+
 async def test_cancel_before_accepted_by_session(cluster: ProcessCluster) -> None:
     name = user()
     async with client(ports(cluster)[1], name) as a:
