@@ -37,7 +37,7 @@ def redis_url(redis_server: str) -> str:
 
 
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[tuple[str, redis.Redis]]:
+def own_redis(tmp_path: Path) -> Iterator[tuple[str, redis.Redis]]:
     """A redis-server of the test's own, for tests that change its configuration: (url, admin)."""
     port = embedded.free_port()
     proc = embedded.start(port, tmp_path / "redis")

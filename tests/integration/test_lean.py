@@ -44,8 +44,8 @@ async def test_concurrent_batches_each_get_their_own_replies(redis_url: str) -> 
     assert sorted(n for n, _echo in results) == list(range(1, 201))
 
 
-async def test_database_and_password_from_the_url(private_redis: tuple[str, sync_redis.Redis]) -> None:
-    url, admin = private_redis
+async def test_database_and_password_from_the_url(own_redis: tuple[str, sync_redis.Redis]) -> None:
+    url, admin = own_redis
     admin.config_set("requirepass", "s3cret")
     port = url.rsplit(":", 1)[1].split("/")[0]
     good = lean(f"redis://:s3cret@127.0.0.1:{port}/3")
@@ -83,8 +83,8 @@ async def test_reconnects_after_the_server_drops_the_connection(redis_url: str) 
         await client.close()
 
 
-async def test_a_silent_server_times_out_and_the_next_call_works(private_redis: tuple[str, sync_redis.Redis]) -> None:
-    url, admin = private_redis
+async def test_a_silent_server_times_out_and_the_next_call_works(own_redis: tuple[str, sync_redis.Redis]) -> None:
+    url, admin = own_redis
     client = lean(url, timeout_s=0.2)
     try:
         assert await client.execute([("PING",)]) == [b"PONG"]

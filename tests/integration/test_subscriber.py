@@ -50,8 +50,8 @@ async def test_messages_of_subscribed_channels_only_after_confirmation(redis_url
     assert await asyncio.wait_for(subscriber.closed, t(5)) is None
 
 
-async def test_password_from_the_url_and_a_refused_one(private_redis: tuple[str, sync_redis.Redis]) -> None:
-    url, admin = private_redis
+async def test_password_from_the_url_and_a_refused_one(own_redis: tuple[str, sync_redis.Redis]) -> None:
+    url, admin = own_redis
     admin.config_set("requirepass", "s3cret")
     port = url.rsplit(":", 1)[1].split("/")[0]
     inbox = Inbox()
@@ -68,9 +68,9 @@ async def test_password_from_the_url_and_a_refused_one(private_redis: tuple[str,
 
 
 async def test_server_gone_ends_the_connection_and_pending_confirmations(
-    private_redis: tuple[str, sync_redis.Redis],
+    own_redis: tuple[str, sync_redis.Redis],
 ) -> None:
-    url, admin = private_redis
+    url, admin = own_redis
     subscriber = await Subscriber.open(url, Inbox())
     assert await asyncio.wait_for(subscriber.subscribe("gone:a"), t(5)) is True
     admin.client_kill_filter(_type="pubsub")
