@@ -58,6 +58,17 @@ def auth_command(options: dict[str, Any]) -> tuple[str, ...] | None:
     return ("AUTH", username, password) if username else ("AUTH", password)
 
 
+def raised(reply: Any) -> Any:
+    """`reply`, or the error it carries raised as redis-py's exception (NOSCRIPT as
+    `NoScriptError`)."""
+    if isinstance(reply, hiredis.ReplyError):
+        text = str(reply)
+        if text.startswith("NOSCRIPT"):
+            raise redis.exceptions.NoScriptError(text)
+        raise redis.exceptions.ResponseError(text)
+    return reply
+
+
 @dataclass(slots=True)
 class _Batch:
     size: int
@@ -133,6 +144,11 @@ class LeanClient:
         except TimeoutError:
             connection.close()
             raise redis.exceptions.TimeoutError(f"redis did not answer within {self._timeout_s} s") from None
+
+    async def call(self, *command: bytes | str | int | float) -> Any:
+        """One command; an error reply is raised (see `raised`)."""
+        (reply,) = await self.execute([command])
+        return raised(reply)
 
     async def close(self) -> None:
         if self._connection is not None:

@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, cast
 
-import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
@@ -27,7 +26,7 @@ from protocol.messages import (
     server_decoder,
 )
 from store import Unavailable, keys, scripts
-from store.lean import Command, LeanClient
+from store.lean import Command, LeanClient, raised
 from store.settings import Lifetimes
 
 CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
@@ -217,19 +216,15 @@ class Store:
     async def _lean_script(self, script: Any, script_keys: list[str], args: list[Any]) -> Any:
         """Run a registered script by EVALSHA on the lean connection; redis-py's slower path
         (which loads it) only when Redis has lost its scripts (NOSCRIPT)."""
-        (reply,) = await self.lean.execute([("EVALSHA", script.sha, len(script_keys), *script_keys, *args)])
-        if isinstance(reply, hiredis.ReplyError):
-            if str(reply).startswith("NOSCRIPT"):
-                return await script(keys=script_keys, args=args)
-            raise redis.exceptions.ResponseError(str(reply))
-        return reply
+        try:
+            return await self.lean.call("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
+        except redis.exceptions.NoScriptError:
+            return await script(keys=script_keys, args=args)
 
     async def notify_worker(self, worker_id: str, message_id: str) -> None:
         """Push a cancel to the worker running the message (its cancel key is already set)."""
         async with guarded():
-            (reply,) = await self.lean.execute([("PUBLISH", keys.cancel_channel(worker_id), message_id)])
-        if isinstance(reply, hiredis.ReplyError):
-            raise redis.exceptions.ResponseError(str(reply))
+            await self.lean.call("PUBLISH", keys.cancel_channel(worker_id), message_id)
 
     async def active_message(self, user: str, session_id: str) -> str | None:
         async with guarded():
@@ -253,9 +248,7 @@ class Store:
     async def read_log(self, message_id: str, after_position: int) -> list[str]:
         """Frames at positions > `after_position`, in order."""
         async with guarded():
-            (entries,) = await self.lean.execute([("XRANGE", keys.log(message_id), f"{after_position + 1}-0", "+")])
-        if isinstance(entries, hiredis.ReplyError):
-            raise redis.exceptions.ResponseError(str(entries))
+            entries = await self.lean.call("XRANGE", keys.log(message_id), f"{after_position + 1}-0", "+")
         return [_s(fields[1]) for _id, fields in entries]  # fields: [b"f", frame]
 
     async def refresh_attach(self, message_ids: Sequence[str], lease_ms: int) -> None:
@@ -271,8 +264,11 @@ class Store:
         """The session's turns, oldest first; with `before`, only those of earlier messages
         (one round trip unless an earlier answer is still in flight)."""
         async with guarded():
-            raw_turns, raw_answers = await self.lean.execute(
-                [("LRANGE", keys.history(user, session_id), 0, -1), ("HGETALL", keys.answers(user, session_id))]
+            raw_turns, raw_answers = map(
+                raised,
+                await self.lean.execute(
+                    [("LRANGE", keys.history(user, session_id), 0, -1), ("HGETALL", keys.answers(user, session_id))]
+                ),
             )
             answers = {
                 _s(raw_answers[i]): answer_decoder.decode(raw_answers[i + 1]) for i in range(0, len(raw_answers), 2)

@@ -15,11 +15,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-import hiredis
 import redis.exceptions
 import structlog
 
 from store import Unavailable
+from store.lean import raised
 from store.redis_store import APPEND_RESULTS, CONNECTION_ERRORS, Append, Store
 from store.tasks import cancel_all, spawn
 
@@ -104,14 +104,17 @@ class ChunkWriter:
                 continue
             retry: list[_Append] = []
             for item, result in zip(batch, results):
-                if isinstance(result, hiredis.ReplyError) and str(result).startswith("NOSCRIPT"):
+                try:
+                    written = APPEND_RESULTS[int(raised(result))]
+                except redis.exceptions.NoScriptError:
                     retry.append(item)
-                elif item.done.done():
                     continue
-                elif isinstance(result, hiredis.ReplyError):
-                    item.done.set_exception(redis.exceptions.ResponseError(str(result)))
-                else:
-                    item.done.set_result(APPEND_RESULTS[int(result)])
+                except redis.exceptions.ResponseError as exc:
+                    if not item.done.done():
+                        item.done.set_exception(exc)
+                    continue
+                if not item.done.done():
+                    item.done.set_result(written)
             if retry:
                 try:
                     await self._store.load_append_script()

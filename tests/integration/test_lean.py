@@ -25,6 +25,11 @@ async def test_a_batch_answers_in_order_with_errors_as_values(redis_url: str) ->
         replies = await client.execute(
             [("SET", "lean:s", "text"), ("INCR", "lean:s"), ("GET", "lean:s"), ("GET", "lean:missing")]
         )
+        with pytest.raises(redis.exceptions.ResponseError, match="not an integer"):
+            await client.call("INCR", "lean:s")
+        with pytest.raises(redis.exceptions.NoScriptError):
+            await client.call("EVALSHA", "0" * 40, 0)
+        assert await client.call("GET", "lean:s") == b"text"
     finally:
         await client.close()
     assert replies[0] == b"OK"
