@@ -36,7 +36,8 @@ class Handoff(Generic[T]):
         self._max_items = max_items
         self._items: deque[T] = deque()
         self._wake_pending = False
-        """True from the thread's wake-up call until the loop releases: a release is coming."""
+        """True while a release is coming (the loop was woken, or its next tick is armed):
+        the thread then need not wake the loop."""
         self._released_at = float("-inf")
         self._timer: asyncio.TimerHandle | None = None
         self._ready = asyncio.Event()
