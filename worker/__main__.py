@@ -93,6 +93,16 @@ async def serve(args: argparse.Namespace) -> None:
     await Worker(config, engines).run(stop)
 
 
+def event_loop(args: argparse.Namespace) -> str:
+    """uvloop takes the GIL once per libuv callback (each read, timer, run of the ready queue),
+    asyncio's own loop once per iteration. Beside a generation thread that takes the GIL back
+    after every C call, each hand-over costs it a wake-up: with asyncio's loop the relay cost
+    halved (`python -m bench relay_overhead`, 5 interleaved runs each: median 4.3% vs 9.7%)."""
+    if args.loop != "auto":
+        return str(args.loop)
+    return "asyncio" if args.engine == "llama" else "uvloop"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging(args.log_level, process="worker")
@@ -103,12 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     # Everything imported so far lives as long as the process: out of the collector's
     # sight, a full collection no longer walks ~40k objects (a 20-30 ms pause, measured).
     gc.freeze()
-    # uvloop takes the GIL once per libuv callback (each read, timer, run of the ready queue),
-    # asyncio's own loop once per iteration. Beside a generation thread that takes the GIL
-    # back after every C call, each hand-over costs it a wake-up: with asyncio's loop the relay
-    # cost halved (`python -m bench relay_overhead`, 5 interleaved runs each: median 4.3% vs 9.7%).
-    loop = args.loop if args.loop != "auto" else "asyncio" if args.engine == "llama" else "uvloop"
-    (asyncio.run if loop == "asyncio" else uvloop.run)(serve(args))
+    (asyncio.run if event_loop(args) == "asyncio" else uvloop.run)(serve(args))
 
 
 if __name__ == "__main__":
