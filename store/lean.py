@@ -58,6 +58,12 @@ def auth_command(options: dict[str, Any]) -> tuple[str, ...] | None:
     return ("AUTH", username, password) if username else ("AUTH", password)
 
 
+def pack(command: Command) -> bytes:
+    """One command in Redis's wire format (hiredis's stub types the argument as a 1-tuple)."""
+    packed: bytes = hiredis.pack_command(cast(Any, tuple(command)))
+    return packed
+
+
 def raised(reply: Any) -> Any:
     """`reply`, or the error it carries raised as redis-py's exception (NOSCRIPT as
     `NoScriptError`)."""
@@ -89,8 +95,7 @@ class _Connection(asyncio.Protocol):
             done.set_exception(redis.exceptions.ConnectionError("connection to redis lost"))
             return done
         self._batches.append(_Batch(len(commands), done))
-        # hiredis's stub types the argument as a 1-tuple
-        self._transport.write(b"".join([hiredis.pack_command(cast(Any, tuple(c))) for c in commands]))
+        self._transport.write(b"".join([pack(command) for command in commands]))
         return done
 
     def close(self) -> None:

@@ -22,17 +22,10 @@ from typing import Any, cast
 import hiredis
 from redis.connection import parse_url
 
-from store.lean import auth_command, open_transport
+from store.lean import auth_command, open_transport, pack
 
 OnMessage = Callable[[bytes, bytes], None]
 """(channel, data) of each published message."""
-
-
-def _command(*parts: bytes) -> bytes:
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        out.append(b"$%d\r\n%s\r\n" % (len(part), part))
-    return b"".join(out)
 
 
 class Subscriber(asyncio.Protocol):
@@ -53,7 +46,7 @@ class Subscriber(asyncio.Protocol):
         auth = auth_command(options)
         if auth is not None:
             subscriber._auth_pending += 1
-            subscriber._write(_command(*(part.encode() for part in auth)))
+            subscriber._write(pack(auth))
         return subscriber
 
     # --- commands -----------------------------------------------------------------------
@@ -70,12 +63,12 @@ class Subscriber(asyncio.Protocol):
             return done
         names = [c.encode() for c in channels]
         self._confirmations.setdefault(names[-1], deque()).append(done)
-        self._write(_command(b"SUBSCRIBE", *names))
+        self._write(pack((b"SUBSCRIBE", *names)))
         return done
 
     def unsubscribe(self, *channels: str) -> None:
         if channels and not self.closed.done():
-            self._write(_command(b"UNSUBSCRIBE", *(c.encode() for c in channels)))
+            self._write(pack(("UNSUBSCRIBE", *channels)))
 
     def close(self) -> None:
         if self._transport is not None:
