@@ -3,7 +3,9 @@
 Every outgoing frame (acks, heartbeat acks, chunks, errors) passes through `send`, which
 holds `send_lock` for the whole frame. A send blocks only while the socket's write buffer is
 over its limit; the gateway's sweeper closes a connection whose send has been blocked for
-`slow_client_timeout_s` (code 4008), so no timer is armed per frame. Heartbeats are answered
+`slow_client_timeout_s` (code 4008), so no timer is armed per frame. Relayed frames take
+`send_now` when they can: written whole, at once, from the pub/sub callback (no task switch,
+no lock to await), and only while no other send is in progress or waiting for buffer room. Heartbeats are answered
 by the reader at once; other requests are handled in order by one dispatcher task, so a slow
 Redis call never delays a heartbeat.
 """
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from gateway import SlowConsumer, metrics, requests
 from gateway.live import Relay
@@ -55,9 +58,38 @@ CLOSE_SLOW_CONSUMER = 4008
 
 
 class FrameSink(Protocol):
-    """The part of a websockets connection that `SendChannel` needs."""
+    """Where `SendChannel` writes text frames (a `WebSocketSink` in the gateway)."""
 
-    async def send(self, message: str) -> None: ...
+    async def send(self, frame: str | bytes) -> None:
+        """Send one frame, waiting for buffer room if need be."""
+
+    def write_now(self, frame: bytes) -> bool:
+        """Write one frame at once if that needs no waiting; False (nothing written) if not."""
+
+
+class WebSocketSink:
+    """A websockets connection as a `FrameSink`. `write_now` does what `send` does, minus the
+    wait: websockets frames the data and writes it, but only while the connection is open,
+    no fragmented message is being sent and the transport has not asked to pause."""
+
+    def __init__(self, ws: ServerConnection) -> None:
+        self.ws = ws
+
+    async def send(self, frame: str | bytes) -> None:
+        await self.ws.send(frame, text=True)
+
+    def write_now(self, frame: bytes) -> bool:
+        ws = self.ws
+        if (
+            ws.protocol.state is not State.OPEN
+            or ws.paused
+            or ws.send_in_progress is not None
+            or ws.transport.is_closing()
+        ):
+            return False
+        ws.protocol.send_text(frame)
+        ws.send_data()
+        return True
 
 
 class SendChannel:
@@ -70,7 +102,7 @@ class SendChannel:
         self._sending_since: float | None = None
         self.closed_slow = False
 
-    async def send(self, frame: str) -> None:
+    async def send(self, frame: str | bytes) -> None:
         async with self.send_lock:
             if self.closed_slow:
                 raise SlowConsumer("connection closed for reading too slowly")
@@ -81,6 +113,14 @@ class SendChannel:
                 self._sending_since = None
         metrics.FRAMES_OUT.inc()
 
+    def send_now(self, frame: bytes) -> bool:
+        """Write `frame` now if no send holds the lock (so frames never interleave or
+        overtake) and the socket's buffer has room; False: nothing written, use `send`."""
+        if self.send_lock.locked() or self.closed_slow or not self.sink.write_now(frame):
+            return False
+        metrics.FRAMES_OUT.inc()
+        return True
+
     def stalled(self, now: float) -> bool:
         """True once one frame has waited `timeout_s` for the client to read."""
         return self._sending_since is not None and now - self._sending_since > self.timeout_s
@@ -90,7 +130,7 @@ class Connection:
     def __init__(self, gateway: Gateway, ws: ServerConnection) -> None:
         self.gw = gateway
         self.ws = ws
-        self.channel = SendChannel(ws, gateway.config.slow_client_timeout_s)
+        self.channel = SendChannel(WebSocketSink(ws), gateway.config.slow_client_timeout_s)
         self.user = "anonymous"
         self.relays: dict[str, tuple[Relay, asyncio.Task[None]]] = {}
         self._cancels_in_flight: dict[str, asyncio.Event] = {}
@@ -223,9 +263,7 @@ class Connection:
         previous = self.relays.pop(message_id, None)
         if previous is not None:
             previous[1].cancel()
-        relay = Relay(
-            self.gw.hub, self.gw.store, message_id, after_seq, self.channel.send, before_terminal=self._after_cancel_result
-        )
+        relay = Relay(self.gw.hub, self.gw.store, message_id, after_seq, self.channel, self._terminal_gate)
         task = spawn(self._run_relay(relay), f"relay-{message_id}")
         self.relays[message_id] = (relay, task)
 
@@ -257,10 +295,9 @@ class Connection:
             if self._cancels_in_flight.get(message_id) is released:
                 del self._cancels_in_flight[message_id]
 
-    async def _after_cancel_result(self, message_id: str) -> None:
-        released = self._cancels_in_flight.get(message_id)
-        if released is not None:
-            await released.wait()
+    def _terminal_gate(self, message_id: str) -> asyncio.Event | None:
+        """What the message's terminal frame must wait for: the cancel being answered here."""
+        return self._cancels_in_flight.get(message_id)
 
     def watching(self) -> list[str]:
         return [mid for mid, (relay, _t) in self.relays.items() if not relay.finished]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from typing import Protocol
 
 import msgspec
 import structlog
@@ -97,9 +98,8 @@ class LiveHub:
         watchers = self._watchers.get(channel[_LIVE_PREFIX_LEN:].decode())
         if not watchers:
             return
-        frame = data.decode()
         for relay in list(watchers):
-            relay.push(frame)
+            relay.push(data)
 
     async def _maintain(self) -> None:
         """Keep one subscriber connected. After each (re)connect: subscribe every watched
@@ -134,9 +134,16 @@ class LiveHub:
             backoff = min(backoff * 2, 1.0)
 
 
-Send = Callable[[str], Awaitable[None]]
-BeforeTerminal = Callable[[str], Awaitable[None]]
-"""Awaited with the message id before a terminal frame is sent."""
+class Outlet(Protocol):
+    """Where a relay's frames go (the connection's `SendChannel`)."""
+
+    async def send(self, frame: str | bytes) -> None: ...
+
+    def send_now(self, frame: bytes) -> bool: ...
+
+
+TerminalGate = Callable[[str], "asyncio.Event | None"]
+"""Given the message id: an event that a terminal frame must wait for, or None."""
 
 
 class Relay:
@@ -148,32 +155,57 @@ class Relay:
         store: Store,
         message_id: str,
         after_seq: int,
-        send: Send,
+        outlet: Outlet,
+        terminal_gate: TerminalGate | None = None,
         max_inbox: int = 256,
-        before_terminal: BeforeTerminal | None = None,
     ) -> None:
         self.hub = hub
         self.store = store
         self.message_id = message_id
         self.tracker = SeqTracker(last_seq=after_seq)
-        self._send = send
-        self._before_terminal = before_terminal
-        self._inbox: deque[str] = deque()
+        self._outlet = outlet
+        self._terminal_gate = terminal_gate
+        self._inbox: deque[bytes] = deque()
         self._max_inbox = max_inbox
         self._wake = asyncio.Event()
+        self._parked = False
+        """True while `run` waits for frames, with none of its own in hand."""
         self._resync = True
         self.last_heard = asyncio.get_running_loop().time()
 
-    def push(self, frame: str) -> None:
-        """Called by the hub. A full inbox means the client is behind: drop and re-read the
-        log later, so a slow client costs a bounded amount of gateway memory."""
+    def push(self, frame: bytes) -> None:
+        """Called by the hub. While the relay is parked and the connection free, the frame
+        goes out at once (`_deliver_now`); otherwise it waits in the inbox for `run`. A full
+        inbox means the client is behind: drop and re-read the log later, so a slow client
+        costs a bounded amount of gateway memory."""
+        self.last_heard = asyncio.get_running_loop().time()
+        if self._parked and not self._inbox and not self._resync and self._deliver_now(frame):
+            return
         if len(self._inbox) >= self._max_inbox:
             self._inbox.clear()
             self._resync = True
         else:
             self._inbox.append(frame)
-        self.last_heard = asyncio.get_running_loop().time()
         self._wake.set()
+
+    def _deliver_now(self, frame: bytes) -> bool:
+        """Offer and write a live frame from the pub/sub callback. False (nothing changed)
+        when it must take the queued path: the connection is busy or its buffer full, or a
+        terminal frame must wait for a `cancel_result`."""
+        envelope = _envelope.decode(frame)
+        terminal = envelope.type in TERMINAL_TYPES
+        if terminal and self._terminal_gate is not None and self._terminal_gate(self.message_id) is not None:
+            return False
+        if self.tracker.would_deliver(envelope.seq, terminal):
+            if not self._outlet.send_now(frame):
+                return False
+        match self.tracker.offer(envelope.seq, terminal):
+            case Verdict.GAP:
+                self._resync = True
+                self._wake.set()
+            case Verdict.DELIVER if self.tracker.finished:
+                self._wake.set()
+        return True
 
     def resync(self) -> None:
         self._resync = True
@@ -197,7 +229,11 @@ class Relay:
                     continue
                 if not self._inbox:
                     self._wake.clear()
-                    await self._wake.wait()
+                    self._parked = True
+                    try:
+                        await self._wake.wait()
+                    finally:
+                        self._parked = False
                     continue
                 await self._offer(self._inbox.popleft())
         finally:
@@ -220,14 +256,15 @@ class Relay:
             Error(code="not_found", message=why, message_id=self.message_id, seq=self.tracker.last_seq)
         )
         self.tracker.finished = True
-        await self._send(frame)
+        await self._outlet.send(frame)
 
-    async def _offer(self, frame: str) -> None:
+    async def _offer(self, frame: bytes) -> None:
         envelope = _envelope.decode(frame)
-        verdict = self.tracker.offer(envelope.seq, envelope.type in TERMINAL_TYPES)
+        terminal = envelope.type in TERMINAL_TYPES
+        verdict = self.tracker.offer(envelope.seq, terminal)
         if verdict is Verdict.DELIVER:
-            if self._before_terminal is not None and envelope.type in TERMINAL_TYPES:
-                await self._before_terminal(self.message_id)
-            await self._send(frame)
+            if terminal and self._terminal_gate is not None and (gate := self._terminal_gate(self.message_id)):
+                await gate.wait()
+            await self._outlet.send(frame)
         elif verdict is Verdict.GAP:
             self._resync = True

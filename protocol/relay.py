@@ -24,6 +24,14 @@ class SeqTracker:
     last_seq: int = 0
     finished: bool = False
 
+    def would_deliver(self, seq: int, terminal: bool) -> bool:
+        """What `offer` would answer is DELIVER (nothing changes)."""
+        if self.finished:
+            return False
+        if terminal:
+            return seq == self.last_seq
+        return seq == self.last_seq + 1
+
     def offer(self, seq: int, terminal: bool) -> Verdict:
         if self.finished:
             return Verdict.DUPLICATE

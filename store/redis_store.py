@@ -245,11 +245,11 @@ class Store:
             return None
         return _s(user), _s(state)
 
-    async def read_log(self, message_id: str, after_position: int) -> list[str]:
-        """Frames at positions > `after_position`, in order."""
+    async def read_log(self, message_id: str, after_position: int) -> list[bytes]:
+        """Frames (UTF-8 JSON) at positions > `after_position`, in order."""
         async with guarded():
             entries = await self.lean.call("XRANGE", keys.log(message_id), f"{after_position + 1}-0", "+")
-        return [_s(fields[1]) for _id, fields in entries]  # fields: [b"f", frame]
+        return [fields[1] for _id, fields in entries]  # fields: [b"f", frame]
 
     async def refresh_attach(self, message_ids: Sequence[str], lease_ms: int) -> None:
         if not message_ids:
