@@ -135,7 +135,6 @@ class Store:
                 "hist": keys.HISTORY_PREFIX,
                 "answers": keys.ANSWERS_PREFIX,
                 "queued": keys.QUEUED_COUNTER,
-                "cancels": keys.CANCEL_CHANNEL_PREFIX,
                 "log_maxlen": lt.log_maxlen,
                 "jobs_maxlen": lt.jobs_maxlen,
                 "message_ttl": lt.message_ttl_s,
