@@ -5,9 +5,9 @@ holds `send_lock` for the whole frame. A send blocks only while the socket's wri
 over its limit; the gateway's sweeper closes a connection whose send has been blocked for
 `slow_client_timeout_s` (code 4008), so no timer is armed per frame. Relayed frames take
 `send_now` when they can: written whole, at once, from the pub/sub callback (no task switch,
-no lock to await), and only while no other send is in progress or waiting for buffer room. Heartbeats are answered
-by the reader at once; other requests are handled in order by one dispatcher task, so a slow
-Redis call never delays a heartbeat.
+no lock to await), and only while no other send is in progress or waiting for buffer room.
+Heartbeats are answered by the reader at once; other requests are handled in order by one
+dispatcher task, so a slow Redis call never delays a heartbeat.
 """
 
 from __future__ import annotations

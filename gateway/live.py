@@ -191,8 +191,12 @@ class Relay:
     def _deliver_now(self, frame: bytes) -> bool:
         """Offer and write a live frame from the pub/sub callback. False (nothing changed)
         when it must take the queued path: the connection is busy or its buffer full, or a
-        terminal frame must wait for a `cancel_result`."""
-        envelope = _envelope.decode(frame)
+        terminal frame must wait for a `cancel_result`. A frame that does not decode takes the
+        queued path too, so it fails in the relay's task, never in the shared pub/sub callback."""
+        try:
+            envelope = _envelope.decode(frame)
+        except msgspec.DecodeError:
+            return False
         terminal = envelope.type in TERMINAL_TYPES
         if terminal and self._terminal_gate is not None and self._terminal_gate(self.message_id) is not None:
             return False
