@@ -198,18 +198,23 @@ class Relay:
         except msgspec.DecodeError:
             return False
         terminal = envelope.type in TERMINAL_TYPES
-        if terminal and self._terminal_gate is not None and self._terminal_gate(self.message_id) is not None:
+        if terminal and self._gate() is not None:
             return False
-        if self.tracker.would_deliver(envelope.seq, terminal):
-            if not self._outlet.send_now(frame):
-                return False
-        match self.tracker.offer(envelope.seq, terminal):
+        match self.tracker.peek(envelope.seq, terminal):
+            case Verdict.DELIVER:
+                if not self._outlet.send_now(frame):
+                    return False
+                self.tracker.offer(envelope.seq, terminal)
+                if self.tracker.finished:
+                    self._wake.set()
             case Verdict.GAP:
                 self._resync = True
                 self._wake.set()
-            case Verdict.DELIVER if self.tracker.finished:
-                self._wake.set()
         return True
+
+    def _gate(self) -> asyncio.Event | None:
+        """What this message's terminal frame must wait for, if anything."""
+        return self._terminal_gate(self.message_id) if self._terminal_gate is not None else None
 
     def resync(self) -> None:
         self._resync = True
@@ -267,7 +272,7 @@ class Relay:
         terminal = envelope.type in TERMINAL_TYPES
         verdict = self.tracker.offer(envelope.seq, terminal)
         if verdict is Verdict.DELIVER:
-            if terminal and self._terminal_gate is not None and (gate := self._terminal_gate(self.message_id)):
+            if terminal and (gate := self._gate()) is not None:
                 await gate.wait()
             await self._outlet.send(frame)
         elif verdict is Verdict.GAP:

@@ -24,27 +24,22 @@ class SeqTracker:
     last_seq: int = 0
     finished: bool = False
 
-    def would_deliver(self, seq: int, terminal: bool) -> bool:
-        """What `offer` would answer is DELIVER (nothing changes)."""
+    def peek(self, seq: int, terminal: bool) -> Verdict:
+        """What `offer` would answer, changing nothing."""
         if self.finished:
-            return False
-        if terminal:
-            return seq == self.last_seq
-        return seq == self.last_seq + 1
+            return Verdict.DUPLICATE
+        expected = self.last_seq if terminal else self.last_seq + 1
+        if seq < expected:
+            return Verdict.DUPLICATE
+        if seq > expected:
+            return Verdict.GAP
+        return Verdict.DELIVER
 
     def offer(self, seq: int, terminal: bool) -> Verdict:
-        if self.finished:
-            return Verdict.DUPLICATE
-        if terminal:
-            if seq < self.last_seq:
-                return Verdict.DUPLICATE
-            if seq > self.last_seq:
-                return Verdict.GAP
-            self.finished = True
-            return Verdict.DELIVER
-        if seq <= self.last_seq:
-            return Verdict.DUPLICATE
-        if seq > self.last_seq + 1:
-            return Verdict.GAP
-        self.last_seq = seq
-        return Verdict.DELIVER
+        verdict = self.peek(seq, terminal)
+        if verdict is Verdict.DELIVER:
+            if terminal:
+                self.finished = True
+            else:
+                self.last_seq = seq
+        return verdict

@@ -48,14 +48,14 @@ def test_tracker_delivers_in_order_drops_duplicates_and_reports_gaps() -> None:
     assert tracker.offer(4, terminal=True) is Verdict.DUPLICATE
 
 
-def test_would_deliver_agrees_with_offer_and_changes_nothing() -> None:
+def test_peek_answers_what_offer_will_and_changes_nothing() -> None:
     cases = [(s, term) for s in range(6) for term in (False, True)]
     for last_seq, finished in [(0, False), (2, False), (3, True)]:
         for seq, terminal in cases:
             probe = SeqTracker(last_seq=last_seq, finished=finished)
-            answer = probe.would_deliver(seq, terminal)
+            answer = probe.peek(seq, terminal)
             assert probe == SeqTracker(last_seq=last_seq, finished=finished)
-            assert answer == (probe.offer(seq, terminal) is Verdict.DELIVER), (last_seq, finished, seq, terminal)
+            assert answer is probe.offer(seq, terminal), (last_seq, finished, seq, terminal)
 
 
 def test_tracker_terminal_with_no_chunks() -> None:
