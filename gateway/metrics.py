@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Iterator
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+
+class LoopCounter(Collector):
+    """A counter bumped for every frame, on the event loop only: a plain int. A `Counter`
+    takes a lock on each increment, which was 5% of a busy gateway's CPU."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.value = 0
+        REGISTRY.register(self)
+
+    def inc(self) -> None:
+        self.value += 1
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation)
+        family.add_metric([], self.value)
+        yield family
+
 
 CONNECTIONS = Gauge("tokenrelay_gateway_connections", "Open WebSocket connections")
 STREAMS = Gauge("tokenrelay_gateway_streams", "Messages being relayed to a connection now")
 MESSAGES_IN = Counter("tokenrelay_gateway_client_messages_total", "Client messages, by type", ["type"])
-FRAMES_OUT = Counter("tokenrelay_gateway_frames_out_total", "Frames sent to clients")
+FRAMES_OUT = LoopCounter("tokenrelay_gateway_frames_out", "Frames sent to clients")
 ERRORS = Counter("tokenrelay_gateway_errors_total", "Error replies, by code", ["code"])
 CANCELS = Counter("tokenrelay_gateway_cancels_total", "Cancel requests, by outcome", ["status"])
 CANCEL_SECONDS = Histogram(

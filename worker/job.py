@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from functools import partial
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -77,17 +76,17 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
     stored_seq = start_seq
     """The highest seq the store accepted: after a cancel ended the message in the store,
     later chunks are refused, and the saved answer is the text the client saw."""
-    last_write: asyncio.Future[Append] | None = None
+    writing = 0
+    """Chunk writes not answered yet."""
+    drained: asyncio.Future[None] | None = None
     timer: asyncio.TimerHandle | None = None
     after_cancel = 0
     polls: list[asyncio.Future[None]] = []
 
-    def on_written(chunk_seq: int, fut: asyncio.Future[Append]) -> None:
-        nonlocal stored_seq
-        if fut.cancelled():
-            return
-        result = fut.result() if fut.exception() is None else "not_ours"
-        match result:
+    def on_written(chunk_seq: int, outcome: Append | BaseException) -> None:
+        nonlocal stored_seq, writing
+        writing -= 1
+        match outcome if isinstance(outcome, str) else "not_ours":
             case "written":
                 stored_seq = max(stored_seq, chunk_seq)
             case "cancelled":
@@ -95,13 +94,15 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
             case "not_ours":
                 running.lost = True
                 token.cancel("fenced")
+        if writing == 0 and drained is not None and not drained.done():
+            drained.set_result(None)
 
     async def poll_cancel_key() -> None:
         if await services.store.redis.exists(keys.cancel_key(job.message_id)):
             token.cancel("cancel")
 
     def emit(chunk: str | None) -> None:
-        nonlocal seq, last_write
+        nonlocal seq, writing
         if chunk is None:
             return
         seq += 1
@@ -109,8 +110,8 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
             polls.append(asyncio.ensure_future(poll_cancel_key()))
         chunks.append(chunk)
         frame = encode_text(Chunk(message_id=job.message_id, seq=seq, text=chunk))
-        last_write = services.writer.append(job.message_id, running.attempt, seq, frame)
-        last_write.add_done_callback(partial(on_written, seq))
+        writing += 1
+        services.writer.append(job.message_id, running.attempt, seq, frame, on_written)
 
     def on_deadline() -> None:
         nonlocal timer
@@ -145,8 +146,9 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
             timer.cancel()
     emit(coalescer.take(loop.time()))
     await asyncio.gather(*polls, return_exceptions=True)
-    if last_write is not None:
-        await asyncio.wait([last_write])
+    if writing:
+        drained = loop.create_future()
+        await drained
     if token.cancelled:
         metrics.TOKENS_AFTER_CANCEL.observe(after_cancel)
     if running.lost:

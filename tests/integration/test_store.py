@@ -24,15 +24,55 @@ async def test_chunk_writer_is_bounded_and_frees_room_as_batches_leave(redis_url
     await store.load_append_script()
     writer = ChunkWriter(store, "w-bound", max_batch=2, max_pending=4)
     try:
-        writes = [writer.append("m-unknown", 1, seq, "{}") for seq in range(1, 5)]
+        outcomes: dict[int, object] = {}
+        all_answered = asyncio.get_running_loop().create_future()
+
+        def written(seq: int, outcome: object) -> None:
+            outcomes[seq] = outcome
+            if len(outcomes) == 4:
+                all_answered.set_result(None)
+
+        for seq in range(1, 5):
+            writer.append("m-unknown", 1, seq, "{}", written)
         assert writer.full
         waiting = asyncio.create_task(writer.room())
         await asyncio.sleep(0)
         assert not waiting.done(), "room() returned while the queue was at its bound"
         writer.start()
         await asyncio.wait_for(waiting, 5)
-        assert await asyncio.gather(*writes) == ["not_ours"] * 4
+        await asyncio.wait_for(all_answered, 5)
+        assert outcomes == {seq: "not_ours" for seq in range(1, 5)}
         assert not writer.full
+    finally:
+        await writer.close()
+        await store.close()
+
+
+async def test_chunk_writer_wakes_waiting_jobs_in_turn_even_when_one_gives_up(redis_url: str) -> None:
+    """Jobs wait for room first come, first served; one cancelled while waiting does not keep
+    the others waiting once the queue drains."""
+    store = Store(connect(redis_url))
+    await store.load_append_script()
+    writer = ChunkWriter(store, "w-turns", max_batch=1, max_pending=2)
+    answered: list[int] = []
+    try:
+        for seq in (1, 2):
+            writer.append("m-unknown", 1, seq, "{}", lambda seq, _outcome: answered.append(seq))
+        woken: list[int] = []
+
+        async def job(index: int) -> None:
+            await writer.room()
+            woken.append(index)
+
+        jobs = [asyncio.create_task(job(i)) for i in range(5)]
+        await asyncio.sleep(0)
+        assert woken == []
+        jobs[1].cancel()
+        writer.start()
+        await asyncio.wait_for(asyncio.gather(*jobs[:1], *jobs[2:]), 5)
+        assert woken == [0, 2, 3, 4]
+        assert jobs[1].cancelled()
+        assert answered == [1, 2]
     finally:
         await writer.close()
         await store.close()

@@ -23,7 +23,14 @@ WORDS = (
 
 def synthetic_token(message_id: str, index: int) -> str:
     """The index-th token of a message: the same for every worker and every run."""
-    seed = zlib.crc32(message_id.encode())
+    return _token(_seed(message_id), index)
+
+
+def _seed(message_id: str) -> int:
+    return zlib.crc32(message_id.encode())
+
+
+def _token(seed: int, index: int) -> str:
     return WORDS[(seed + index * 7) % len(WORDS)] + " "
 
 
@@ -93,6 +100,7 @@ class SyntheticEngine:
         token.set_phase(Phase.GENERATING)
         interval = 1.0 / self.rate if self.rate > 0 else 0.0
         started = loop.time()
+        seed = _seed(request.message_id)
         for index in range(request.max_tokens):
             if interval:
                 await pacer.sleep(started + index * interval - loop.time())
@@ -102,6 +110,6 @@ class SyntheticEngine:
                 return
             if index == 0 and request.text == self.crash_on:
                 os.kill(os.getpid(), signal.SIGKILL)
-            yield synthetic_token(request.message_id, index)
+            yield _token(seed, index)
         token.set_phase(Phase.FINISHED)
         yield Finish("length")
