@@ -25,10 +25,15 @@ count), divided by the chunk tokens the clients received in that window: once ov
 which only the background streams run (the streaming cost), once over the cancel window (where
 each cancelled message's own commands weigh in). EXISTS per token shows the polls (plus the
 worker's orphan checks, one per running job a second).
+
+`python -m bench.cancel_latency RATE...` runs window (d) alone, push mode, at each per-stream
+token rate on a fresh cluster, to show the loaded figure against how near the machine is to
+what it can deliver.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from typing import Any
 
@@ -230,3 +235,34 @@ def run(quick: bool = False) -> tuple[Figures, list[Row]]:
     rows.append(Row(NAME, f"CPU, push, {_what(push['heavy'])}", cpu_summary(push["heavy"]["cpu_percent"]),
                     "of 200% (2 cores)"))
     return figures, rows
+
+
+async def _sweep(rates: list[float]) -> None:
+    """The goal's loaded window alone, push mode, once per per-stream token rate, each on a
+    fresh cluster: where the 1,000-stream figure stands as the load nears what the machine
+    can deliver."""
+    for rate in rates:
+        async with Cluster(f"{NAME}-sweep") as cluster:
+            ports = [cluster.add_gateway().port or 0 for _ in range(3)]
+            for _ in range(2):
+                cluster.add_worker("--engine", "synthetic", "--synthetic-rate", str(rate), "--concurrency", "600")
+            await cluster.wait_ready()
+            window = await _window(cluster, ports, CANCELS, LANES, HEAVY, 60.0, overloaded=True)
+            delivered = window["load_tokens_per_s"] / (HEAVY * rate)
+            print(f"{HEAVY:,} streams x {rate:g} tokens/s: cancel p50 {window['p50_ms']:.2f} ms, "
+                  f"p99 {window['p99_ms']:.2f} ms (n={window['n']}, {window['failures']} failed), "
+                  f"{100 * delivered:.0f}% of tokens delivered, background p99 gap "
+                  f"{window['load_gaps']['p99']:.0f} ms, CPU {cpu_summary(window['cpu_percent'])}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.cancel_latency",
+        description="Sweep the loaded window over per-stream token rates (`python -m bench cancel_latency` "
+                    "runs the whole benchmark).")
+    parser.add_argument("rates", nargs="+", type=float, metavar="TOKENS_PER_S")
+    asyncio.run(_sweep(parser.parse_args().rates))
+
+
+if __name__ == "__main__":
+    main()
