@@ -10,23 +10,22 @@ system's, with as little of the measuring client in it as a Python client allows
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from collections.abc import Callable
 from typing import Any
 
-from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from picows import ws_connect
 
-from bench.clientio import Frame, decode_frame, emit, next_command, stdin_lines, tokens_in
+from bench.clientio import Frame, Listener, emit, next_command, stdin_lines, tokens_in
 
 
-class Conn(WSListener):
+class Conn(Listener):
     """A connection whose frames, stamped on arrival, wait in a queue."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.queue: asyncio.Queue[tuple[float, Frame]] = asyncio.Queue()
-        self.transport: WSTransport | None = None
 
     @classmethod
     async def open(cls, port: int, user: str) -> Conn:
@@ -39,19 +38,8 @@ class Conn(WSListener):
             raise ConnectionError(f"auth refused: {reply}")
         return conn
 
-    def on_ws_connected(self, transport: WSTransport) -> None:
-        self.transport = transport
-
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        stamp = time.perf_counter()
-        match frame.msg_type:
-            case WSMsgType.TEXT:
-                self.queue.put_nowait((stamp, decode_frame(frame.get_payload_as_memoryview())))
-            case WSMsgType.CLOSE:
-                transport.send_close(frame.get_close_code())
-                transport.disconnect()
-            case _:
-                pass
+    def on_message(self, frame: Frame, stamp: float) -> None:
+        self.queue.put_nowait((stamp, frame))
 
     async def next(self, want: Callable[[Frame], bool], timeout_s: float) -> tuple[float, Frame]:
         async with asyncio.timeout(timeout_s):
@@ -60,15 +48,9 @@ class Conn(WSListener):
                 if want(frame):
                     return stamp, frame
 
-    def send(self, message: dict[str, Any]) -> None:
-        """Framed and written at once (the caller stamps the time just before)."""
-        assert self.transport is not None
-        self.transport.send(WSMsgType.TEXT, json.dumps(message).encode())
-
-    async def close(self) -> None:
-        if self.transport is not None and not self.transport.is_close_frame_sent:
-            self.transport.send_close()
-            self.transport.disconnect()
+    async def close_and_wait(self) -> None:
+        self.close()
+        if self.transport is not None:
             await self.transport.wait_disconnected()
 
 
@@ -166,4 +148,4 @@ async def cancels(config: dict[str, Any]) -> None:
         })
         await next_command(commands)
     finally:
-        await asyncio.gather(*(c.close() for pair in pairs for c in pair), return_exceptions=True)
+        await asyncio.gather(*(c.close_and_wait() for pair in pairs for c in pair), return_exceptions=True)

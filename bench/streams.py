@@ -12,24 +12,23 @@ chunks up to the terminal event; pings are answered by the library, and `stop` s
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from array import array
 from typing import Any
 
-from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from picows import WSTransport, ws_connect
 
-from bench.clientio import TERMINALS, Frame, decode_frame, emit, next_command, stdin_lines, tokens_in
+from bench.clientio import TERMINALS, Frame, Listener, emit, next_command, stdin_lines, tokens_in
 from bench.stats import percentiles
 
-class Stream(WSListener):
+
+class Stream(Listener):
     """One connection, one long chat; frames are counted as they arrive."""
 
     def __init__(self, run: StreamRun, index: int) -> None:
+        super().__init__()
         self.run = run
         self.index = index
-        self.transport: WSTransport | None = None
-        self.authenticated = False
         self.message_id: str | None = None
         self.last: float | None = None
         self.terminal: str | None = None
@@ -37,36 +36,20 @@ class Stream(WSListener):
         self.cancelling = False
         self.closed = asyncio.Event()
 
-    def send(self, message: dict[str, Any]) -> None:
-        if self.transport is not None and not self.transport.is_close_frame_sent:
-            self.transport.send(WSMsgType.TEXT, json.dumps(message).encode())
-
     def on_ws_connected(self, transport: WSTransport) -> None:
-        self.transport = transport
+        super().on_ws_connected(transport)
         self.send({"type": "auth", "user": f"load{self.index % 500}"})
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self.terminal is None and self.refused is None:
             self.refused = "disconnected"
             if self.last is None:
-                self.run.settled_one(self)
+                self.run.settled_one()
             self.run.over_one()
         self.closed.set()
 
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        match frame.msg_type:
-            case WSMsgType.TEXT:
-                self.run.on_frame(self, decode_frame(frame.get_payload_as_memoryview()))
-            case WSMsgType.CLOSE:
-                transport.send_close(frame.get_close_code())
-                transport.disconnect()
-            case _:
-                pass
-
-    def close(self) -> None:
-        if self.transport is not None and not self.transport.is_close_frame_sent:
-            self.transport.send_close()
-            self.transport.disconnect()
+    def on_message(self, frame: Frame, stamp: float) -> None:
+        self.run.on_frame(self, frame)
 
 
 class StreamRun:
@@ -91,7 +74,7 @@ class StreamRun:
         self.mark_at = time.perf_counter()
         self._gate = asyncio.Semaphore(int(config.get("connect_concurrency", 100)))
 
-    def settled_one(self, stream: Stream) -> None:
+    def settled_one(self) -> None:
         """A stream got its first chunk, or will never get one."""
         self.settled += 1
         if self.settled >= len(self.streams):
@@ -118,10 +101,9 @@ class StreamRun:
                         self.gaps.append(now - stream.last)
                 if stream.last is None:
                     self.first_chunk += 1
-                    self.settled_one(stream)
+                    self.settled_one()
                 stream.last = now
             case "auth_ok":
-                stream.authenticated = True
                 stream.send({
                     "type": "chat", "session_id": f"load-{stream.index}-{time.time_ns()}",
                     "text": "tell me a very long story", "max_tokens": self.max_tokens,
@@ -134,11 +116,11 @@ class StreamRun:
                     if not stream.cancelling:
                         self.ended_early += 1
                     if stream.last is None:
-                        self.settled_one(stream)
+                        self.settled_one()
                     self.over_one()
             case "error" if stream.refused is None and stream.terminal is None:  # refused: auth, overloaded, ...
                 stream.refused = frame.code or "error"
-                self.settled_one(stream)
+                self.settled_one()
                 self.over_one()
             case _:
                 pass
@@ -151,10 +133,10 @@ class StreamRun:
             async with self._gate:
                 await ws_connect(lambda: stream, f"ws://127.0.0.1:{port}/ws", websocket_handshake_timeout=60,
                                  max_frame_size=1 << 20)
-        except (OSError, TimeoutError, ConnectionError, Exception) as exc:  # picows raises its own handshake errors
+        except Exception as exc:  # OSError, a timeout, or picows's own handshake errors
             self.connect_failures.append(repr(exc)[:200])
             stream.refused = "no connection"
-            self.settled_one(stream)
+            self.settled_one()
             self.over_one()
 
     def mark(self) -> None:
