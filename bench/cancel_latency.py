@@ -60,7 +60,7 @@ connection pool (redis-py's asyncio default is 100) and some chats are refused `
 
 async def _window(cluster: Cluster, ports: list[int], cancels: int, lanes: int, load: int,
                   deadline_s: float, overloaded: bool = False, streaming_s: float = STREAMING_WINDOW_S,
-                  ) -> dict[str, Any]:
+                  rate: float = RATE) -> dict[str, Any]:
     """One measured window: up to `cancels` cancels (none started after `deadline_s`), with
     `load` background streams. `overloaded`: the machine cannot carry the load, so a chat is
     cancelled after its first chunk and gets longer to show it."""
@@ -119,7 +119,7 @@ async def _window(cluster: Cluster, ports: list[int], cancels: int, lanes: int, 
     if report is not None:
         out["load_gaps"] = report["gaps"]
         out["load_tokens_per_s"] = report["tokens"] / report["elapsed_s"]
-        out["load_delivered_pct"] = 100.0 * report["tokens"] / (load * RATE * report["elapsed_s"])
+        out["load_delivered_pct"] = 100.0 * report["tokens"] / (load * rate * report["elapsed_s"])
         out["load_live"] = report["live"]
     return out
 
@@ -149,17 +149,23 @@ async def _streaming_cost(cluster: Cluster, loader: ClientProc, seconds: float) 
 WINDOWS = ("idle", "concurrent", "moderate", "heavy")
 
 
+async def _start(cluster: Cluster, mode: str, rate: float) -> list[int]:
+    """3 gateways and 2 synthetic workers at `rate` tokens/s per stream; the gateways' ports."""
+    ports = [cluster.add_gateway("--cancel-mode", mode).port or 0 for _ in range(3)]
+    for _ in range(2):
+        cluster.add_worker("--engine", "synthetic", "--synthetic-rate", str(rate),
+                           "--concurrency", "600", "--cancel-mode", mode)
+    await cluster.wait_ready()
+    return ports
+
+
 async def _mode(mode: str, quick: bool) -> dict[str, Any]:
     """A fresh cluster whose workers run `--cancel-mode mode`; the three windows in turn."""
     cancels, lanes = (12, 3) if quick else (CANCELS, LANES)
     loads = {"idle": 0, "concurrent": 0, "moderate": 10 if quick else MODERATE, "heavy": 30 if quick else HEAVY}
     figures: dict[str, Any] = {}
     async with Cluster(f"{NAME}-{mode}") as cluster:
-        ports = [cluster.add_gateway("--cancel-mode", mode).port or 0 for _ in range(3)]
-        for _ in range(2):
-            cluster.add_worker("--engine", "synthetic", "--synthetic-rate", str(RATE),
-                               "--concurrency", "600", "--cancel-mode", mode)
-        await cluster.wait_ready()
+        ports = await _start(cluster, mode, RATE)
         for label in WINDOWS:
             deadline_s = 30.0 if quick or label == "heavy" else 90.0 if label == "idle" else 60.0
             overloaded = label == "heavy" and not quick
@@ -243,15 +249,11 @@ async def _sweep(rates: list[float]) -> None:
     can deliver."""
     for rate in rates:
         async with Cluster(f"{NAME}-sweep") as cluster:
-            ports = [cluster.add_gateway().port or 0 for _ in range(3)]
-            for _ in range(2):
-                cluster.add_worker("--engine", "synthetic", "--synthetic-rate", str(rate), "--concurrency", "600")
-            await cluster.wait_ready()
-            window = await _window(cluster, ports, CANCELS, LANES, HEAVY, 60.0, overloaded=True)
-            delivered = window["load_tokens_per_s"] / (HEAVY * rate)
+            ports = await _start(cluster, "push", rate)
+            window = await _window(cluster, ports, CANCELS, LANES, HEAVY, 60.0, overloaded=True, rate=rate)
             print(f"{HEAVY:,} streams x {rate:g} tokens/s: cancel p50 {window['p50_ms']:.2f} ms, "
                   f"p99 {window['p99_ms']:.2f} ms (n={window['n']}, {window['failures']} failed), "
-                  f"{100 * delivered:.0f}% of tokens delivered, background p99 gap "
+                  f"{window['load_delivered_pct']:.0f}% of tokens delivered, background p99 gap "
                   f"{window['load_gaps']['p99']:.0f} ms, CPU {cpu_summary(window['cpu_percent'])}", flush=True)
 
 
