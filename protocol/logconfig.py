@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from typing import Any
@@ -13,8 +14,14 @@ _json = msgspec.json.Encoder()
 
 
 def _dumps(obj: Any, default: Any = None) -> str:
-    """structlog's JSONRenderer passes `default=`; msgspec takes `enc_hook`."""
-    return msgspec.json.Encoder(enc_hook=default).encode(obj).decode() if default else _json.encode(obj).decode()
+    """structlog's JSONRenderer passes `default=` (the same function on every line); msgspec
+    takes `enc_hook`, on an encoder made once."""
+    return (_encoder(default) if default else _json).encode(obj).decode()
+
+
+@functools.cache
+def _encoder(enc_hook: Any) -> msgspec.json.Encoder:
+    return msgspec.json.Encoder(enc_hook=enc_hook)
 
 
 def configure_logging(level: str = "info", json: bool | None = None, **static: str) -> None:

@@ -361,9 +361,10 @@ class Store:
         history_status = {"done": "complete", "cancelled": "cancelled", "error": "error"}[state]
         grace_status = "cancelled" if state == "cancelled" else "completed"
         async with guarded():
-            ok = await self._finish(
-                keys=[keys.meta(message_id)],
-                args=[
+            ok = await self._lean_script(
+                self._finish,
+                [keys.meta(message_id)],
+                [
                     self._config,
                     message_id,
                     worker_id,
@@ -378,6 +379,11 @@ class Store:
                 ],
             )
         return _ENDINGS[int(ok)]
+
+    async def ack(self, entry_id: bytes) -> None:
+        """Acknowledge a job stream entry: its job ended here (or was not ours to run)."""
+        async with guarded():
+            await self.lean.call("XACK", keys.JOBS_STREAM, keys.WORKER_GROUP, entry_id)
 
     async def save_cancelled_answer(self, message_id: str, text: str) -> None:
         """History text of a message cancelled in the store, unless its worker saved it."""

@@ -2,8 +2,9 @@
 
 Background tasks, all owned by `Worker.run` and cancelled on shutdown:
 - consume: XREADGROUP as many jobs as there are free engine slots;
-- cancels: SUBSCRIBE to the cancel channel; on (re)subscribe, re-check cancel keys of the
-  running jobs (pub/sub is at-most-once, the keys are the durable truth);
+- cancels: SUBSCRIBE to the cancel channel (a lean hiredis subscriber); on (re)subscribe,
+  re-check cancel keys of the running jobs (pub/sub is at-most-once, the keys are the durable
+  truth);
 - beat: liveness key and instance record (monitoring, reaping);
 - orphans: cancel running jobs whose attach lease expired (no client for the detach grace);
 - reaper: take over pending jobs of workers whose liveness key expired (see `worker.reaper`).
@@ -23,8 +24,10 @@ import structlog
 from protocol import coalesce
 from protocol.jobs import Job, job_decoder
 from store import keys
+from store import Unavailable
 from store.redis_store import CONNECTION_ERRORS, Redis, Store, connect, retry
 from store.settings import Lifetimes
+from store.subscriber import Subscriber
 from store.tasks import cancel_all, spawn
 from worker import metrics
 from worker.engines.base import Engine
@@ -44,6 +47,7 @@ class WorkerConfig:
     orphan_check_s: float = 1.0
     reap_interval_s: float = 1.0
     drain_timeout_s: float = 20.0
+    subscribe_timeout_s: float = 5.0
     coalesce_window_s: float = coalesce.WINDOW_S
     poll_every_chunks: int = 0
     """0: cancels are pushed (pub/sub). N > 0: benchmark baseline, poll the cancel key every N chunks."""
@@ -56,7 +60,6 @@ class Worker:
         self.id = config.worker_id
         self.store = Store(connect(config.redis_url), config.lifetimes)
         self._blocking: Redis = connect(config.redis_url, timeout_s=config.block_ms / 1000 + 5)
-        self._listener: Redis = connect(config.redis_url, timeout_s=None)
         self._engines: asyncio.Queue[Engine] = asyncio.Queue()
         self._all_engines = engines
         self.writer = ChunkWriter(self.store, self.id)
@@ -103,8 +106,7 @@ class Worker:
         for engine in self._all_engines:
             await engine.close()
         await self.store.close()
-        for client in (self._blocking, self._listener):
-            await client.aclose()
+        await self._blocking.aclose()
         log.info("worker_stopped")
 
     async def _drain(self) -> None:
@@ -193,7 +195,7 @@ class Worker:
             await self.ack(entry_id)
 
     async def ack(self, entry_id: bytes) -> None:
-        await retry(lambda: self.store.redis.xack(keys.JOBS_STREAM, keys.WORKER_GROUP, entry_id), "xack")
+        await retry(lambda: self.store.ack(entry_id), "xack")
 
     # --- cancellation -------------------------------------------------------------------
 
@@ -204,22 +206,38 @@ class Worker:
             log.info("cancel_signal", message_id=message_id, source=source, phase=running.token.phase.value)
 
     async def _listen_cancels(self) -> None:
+        """Keep one lean subscriber on this worker's cancel channel (`store.subscriber`: a
+        push is one hiredis parse and a call, no reader task). After each (re)subscribe, the
+        cancel keys are read once: pub/sub drops what is published while nobody listens."""
         backoff = 0.05
+        channel = keys.cancel_channel(self.id)
         while True:
-            pubsub = self._listener.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(keys.cancel_channel(self.id))
-                await self._catch_up_cancels()
-                backoff = 0.05
-                async for message in pubsub.listen():
-                    if message["type"] == "message":
-                        self.signal_cancel(message["data"].decode(), "push")
-            except CONNECTION_ERRORS as exc:
-                log.warning("cancel_listener_retry", error=str(exc), backoff_s=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
-            finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                subscriber = await Subscriber.open(self.config.redis_url, self._on_cancel_push)
+            except Unavailable as exc:
+                error: BaseException | None = exc
+            else:
+                try:
+                    confirmed = subscriber.subscribe(channel)
+                    await asyncio.wait([confirmed], timeout=self.config.subscribe_timeout_s)
+                    if confirmed.done() and confirmed.result():
+                        await self._catch_up_cancels()
+                        backoff = 0.05
+                        error = await subscriber.closed
+                    else:
+                        error = subscriber.closed.result() if subscriber.closed.done() else TimeoutError(
+                            "subscription not confirmed"
+                        )
+                except CONNECTION_ERRORS as exc:
+                    error = exc
+                finally:
+                    subscriber.close()
+            log.warning("cancel_listener_retry", error=str(error), backoff_s=backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    def _on_cancel_push(self, _channel: bytes, data: bytes) -> None:
+        self.signal_cancel(data.decode(), "push")
 
     async def _catch_up_cancels(self) -> None:
         """Cancels published while we were not subscribed: read the durable keys once."""

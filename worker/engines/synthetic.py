@@ -68,6 +68,14 @@ def _release(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    """True in the thread that runs `loop`."""
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
 CRASH_ENV = "TOKENRELAY_SYNTHETIC_CRASH_ON"
 """Fault injection for chaos tests: a job whose text equals this variable's value kills the
 worker process (SIGKILL) before its first token: a poison job."""
@@ -94,7 +102,10 @@ class SyntheticEngine:
         pacer = _Pacer(loop)
 
         def wake(_token: CancelToken) -> None:
-            loop.call_soon_threadsafe(pacer.stop)
+            if _on_loop(loop):
+                pacer.stop()  # a pushed cancel: no self-pipe write, no extra loop wake-up
+            else:
+                loop.call_soon_threadsafe(pacer.stop)
 
         token.add_callback(wake)
         token.set_phase(Phase.GENERATING)
