@@ -31,6 +31,8 @@ class Running:
     token: CancelToken = field(default_factory=CancelToken)
     lost: bool = False
     """Set when a fenced write was refused: another worker owns the job now."""
+    cancel_source: str | None = None
+    """How a user's cancel reached this worker (`push`, `catch_up`), for the job's log line."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +191,7 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
         seq=seq,
         attempt=running.attempt,
         cancel_reason=token.reason or None,
+        cancel_source=running.cancel_source,
         cancel_phase=token.phase_at_cancel.value if token.phase_at_cancel else None,
         tokens_after_cancel=after_cancel if token.cancelled else None,
     )
