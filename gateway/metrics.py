@@ -36,7 +36,8 @@ ERRORS = Counter("tokenrelay_gateway_errors_total", "Error replies, by code", ["
 CANCELS = Counter("tokenrelay_gateway_cancels_total", "Cancel requests, by outcome", ["status"])
 CANCEL_SECONDS = Histogram(
     "tokenrelay_gateway_cancel_seconds",
-    "From a cancel's arrival to its cancel_result (signal stored and pushed)",
+    "From a cancel's arrival to its cancel_result (the message already ended in the store; "
+    "the push to the worker follows)",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0),
 )
 HEARTBEATS = Counter("tokenrelay_gateway_heartbeats_total", "Client heartbeat messages answered")
