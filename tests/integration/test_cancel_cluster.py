@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 from tests.support import (
     TERMINALS,
     Client,
+    Proc,
     ProcessCluster,
     assert_stream_ok,
     client,
@@ -47,6 +49,15 @@ _users = itertools.count()
 
 def user() -> str:
     return f"u{next(_users)}-{random.randrange(1 << 30):x}"
+
+
+def log_lines(procs: list[Proc], event: str, message_id: str) -> list[dict[str, Any]]:
+    """The JSON log lines of `procs` for `event` about `message_id`."""
+    lines = (line for p in procs for line in p.log_path.read_text().splitlines() if line.startswith("{") and line.endswith("}"))
+    return [
+        record for record in map(json.loads, lines)
+        if record.get("event") == event and record.get("message_id") == message_id
+    ]
 
 
 def ports(cluster: ProcessCluster) -> list[int]:
@@ -119,6 +130,15 @@ async def test_cancel_during_a_long_stream(cluster: ProcessCluster) -> None:
         history = await b.request(type="history", session_id="s")
         assert history["turns"][-1]["status"] == "cancelled"
         assert history["turns"][-1]["text"] == a.text(mid)
+    # Logged on each process it passed through, with the ids and the phase it hit.
+    await wait_until(lambda: bool(log_lines(cluster.workers, "job_finished", mid)))
+    (finished,) = log_lines(cluster.workers, "job_finished", mid)
+    assert (finished["outcome"], finished["cancel_source"], finished["cancel_phase"]) == (
+        "cancelled", "push", "generating"
+    )
+    (cancel,) = log_lines(cluster.gateways, "cancel", mid)
+    assert cancel["status"] == "cancelling" and cancel["worker_id"] == finished["worker_id"]
+    assert cancel["gateway_id"] and cancel["session_id"] == "s"
 
 
 async def test_on_the_watching_connection_cancel_result_comes_before_cancelled(cluster: ProcessCluster) -> None:
