@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -124,42 +123,40 @@ class Store:
         the key, and the worker that polls it writes the terminal."""
         self.redis = client
         self.lifetimes = lt = lifetimes or Lifetimes()
-        self._config = json.dumps(
-            {
-                "meta": keys.META_PREFIX,
-                "log": keys.LOG_PREFIX,
-                "live": keys.LIVE_PREFIX,
-                "cancel": keys.CANCEL_PREFIX,
-                "grace": keys.GRACE_PREFIX,
-                "active": keys.ACTIVE_PREFIX,
-                "hist": keys.HISTORY_PREFIX,
-                "answers": keys.ANSWERS_PREFIX,
-                "queued": keys.QUEUED_COUNTER,
-                "log_maxlen": lt.log_maxlen,
-                "jobs_maxlen": lt.jobs_maxlen,
-                "message_ttl": lt.message_ttl_s,
-                "ended_ttl": lt.ended_ttl_s,
-                "grace_s": lt.grace_s,
-                "hist_ttl": lt.history_ttl_s,
-                "hist_max": lt.history_max_turns,
-                "backlog_limit": lt.backlog_limit,
-                "detach_ms": lt.detach_grace_ms,
-                "cancel_ends": int(cancel_ends),
-            }
-        )
+        config: dict[str, str | int] = {
+            "meta": keys.META_PREFIX,
+            "log": keys.LOG_PREFIX,
+            "live": keys.LIVE_PREFIX,
+            "cancel": keys.CANCEL_PREFIX,
+            "grace": keys.GRACE_PREFIX,
+            "active": keys.ACTIVE_PREFIX,
+            "hist": keys.HISTORY_PREFIX,
+            "answers": keys.ANSWERS_PREFIX,
+            "queued": keys.QUEUED_COUNTER,
+            "log_maxlen": lt.log_maxlen,
+            "jobs_maxlen": lt.jobs_maxlen,
+            "message_ttl": lt.message_ttl_s,
+            "ended_ttl": lt.ended_ttl_s,
+            "grace_s": lt.grace_s,
+            "hist_ttl": lt.history_ttl_s,
+            "hist_max": lt.history_max_turns,
+            "backlog_limit": lt.backlog_limit,
+            "detach_ms": lt.detach_grace_ms,
+            "cancel_ends": int(cancel_ends),
+        }
         pool = client.connection_pool
         self.lean = LeanClient(
             dict(pool.connection_kwargs, connection_class=pool.connection_class),
             timeout_s=pool.connection_kwargs.get("socket_timeout") or 2.0,
         )
         """The hot paths (chunk writes, cancels) go through one lean pipelined connection."""
-        self._submit = client.register_script(scripts.SUBMIT)
-        self._cancel = client.register_script(scripts.CANCEL)
+        self._submit = client.register_script(scripts.configured(scripts.SUBMIT, config))
+        self._cancel = client.register_script(scripts.configured(scripts.CANCEL, config))
         self._claim = client.register_script(scripts.CLAIM)
         self._takeover = client.register_script(scripts.TAKEOVER)
         self._append_sha = hashlib.sha1(scripts.APPEND.encode()).hexdigest()
-        self._finish = client.register_script(scripts.FINISH)
-        self._save_answer = client.register_script(scripts.SAVE_ANSWER)
+        self._finish = client.register_script(scripts.configured(scripts.FINISH, config))
+        self._save_answer = client.register_script(scripts.configured(scripts.SAVE_ANSWER, config))
 
     async def close(self) -> None:
         await self.lean.close()
@@ -190,7 +187,6 @@ class Store:
                     keys.QUEUED_COUNTER,
                 ],
                 args=[
-                    self._config,
                     job.message_id,
                     job.user,
                     job.session_id,
@@ -208,7 +204,7 @@ class Store:
         head, tail = split_at_seq(encode_text(Cancelled(message_id=message_id, seq=0)))
         async with guarded():
             status, worker = await self._lean_script(
-                self._cancel, [keys.meta(message_id)], [self._config, message_id, user, reason, head, tail]
+                self._cancel, [keys.meta(message_id)], [message_id, user, reason, head, tail]
             )
         return cast(CancelStatus, _s(status)), _s(worker)
 
@@ -365,7 +361,6 @@ class Store:
                 self._finish,
                 [keys.meta(message_id)],
                 [
-                    self._config,
                     message_id,
                     worker_id,
                     attempt,
@@ -388,7 +383,7 @@ class Store:
     async def save_cancelled_answer(self, message_id: str, text: str) -> None:
         """History text of a message cancelled in the store, unless its worker saved it."""
         async with guarded():
-            await self._save_answer(keys=[keys.meta(message_id)], args=[self._config, message_id, text])
+            await self._save_answer(keys=[keys.meta(message_id)], args=[message_id, text])
 
     async def session_turns(self, user: str, session_id: str, before: str) -> list[tuple[str, str, str]]:
         """(role, text, message_id) of a session's turns before message `before`, oldest first."""

@@ -2,14 +2,31 @@
 
 A message's `state` in its meta hash moves queued → running → done | cancelled | error, and
 only these scripts move it. Writes from a worker carry (worker, attempt) and are refused
-once the job belongs to someone else (fencing). Key prefixes and lifetimes come in ARGV[1]
-as JSON (see `store.redis_store.Store`), so names stay defined in `store.keys` alone.
+once the job belongs to someone else (fencing). Key prefixes and lifetimes are a Lua table
+`C` written into the script's text by `configured` (see `store.redis_store.Store`), so names
+stay defined in `store.keys` alone, and no call decodes them (`cjson.decode` of them was about
+7 µs of every SUBMIT, CANCEL and FINISH).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+
+def configured(script: str, config: Mapping[str, str | int]) -> str:
+    """`script` with `local C = {...}` (the config as Lua constants) in front of it."""
+    return f"local C = {{{', '.join(f'{name} = {_lua(value)}' for name, value in config.items())}}}\n{script}"
+
+
+def _lua(value: str | int) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if not (value.isascii() and value.isprintable()) or '"' in value or "\\" in value:
+        raise ValueError(f"not a plain Lua string: {value!r}")
+    return f'"{value}"'
+
+
 PRELUDE = r"""
-local C = cjson.decode(ARGV[1])
 
 local function scope_of(mid)
   local who = redis.call('HMGET', C.meta .. mid, 'user', 'session_id')
@@ -29,12 +46,17 @@ local function save_answer(scope, mid, text, hist_status, only_if_absent)
 end
 
 -- `text` false: the answer's text is saved later (`save_answer`) by the worker that has it.
-local function write_terminal(mid, state, seq, frame, text, hist_status, grace_status)
+-- `reason`: the cancel's, kept in the meta hash (nil for an end that is no cancel).
+local function write_terminal(mid, state, seq, frame, text, hist_status, grace_status, reason)
   local meta = C.meta .. mid
   local log = C.log .. mid
   redis.call('XADD', log, 'MAXLEN', '~', C.log_maxlen, (tonumber(seq) + 1) .. '-0', 'f', frame)
   redis.call('EXPIRE', log, C.ended_ttl)
-  redis.call('HSET', meta, 'state', state, 'last_seq', seq)
+  if reason then
+    redis.call('HSET', meta, 'state', state, 'last_seq', seq, 'cancel_reason', reason)
+  else
+    redis.call('HSET', meta, 'state', state, 'last_seq', seq)
+  end
   redis.call('EXPIRE', meta, C.ended_ttl)
   redis.call('SET', C.grace .. mid, grace_status, 'EX', C.grace_s)
   redis.call('DEL', C.cancel .. mid)
@@ -47,58 +69,55 @@ end
 """
 
 SUBMIT = PRELUDE + r"""
--- KEYS: meta, active, hist, answers, request (untouched when ARGV[6], the request_id, is empty), jobs, attach, queued
--- ARGV: config, mid, user, session_id, user_turn_json, request_id, job_json, now_ms, supersede
-local mid, user, sid = ARGV[2], ARGV[3], ARGV[4]
-if ARGV[6] ~= '' then
+-- KEYS: meta, active, hist, answers, request (untouched when ARGV[5], the request_id, is empty), jobs, attach, queued
+-- ARGV: mid, user, session_id, user_turn_json, request_id, job_json, now_ms, supersede
+local mid, user, sid = ARGV[1], ARGV[2], ARGV[3]
+if ARGV[5] ~= '' then
   local existing = redis.call('GET', KEYS[5])
   if existing then return {'dup', existing} end
 end
 local prev = redis.call('GET', KEYS[2])
-if prev and prev ~= ARGV[9] then return {'busy', prev} end
+if prev and prev ~= ARGV[8] then return {'busy', prev} end
 if tonumber(redis.call('GET', KEYS[8]) or '0') >= C.backlog_limit then return {'overloaded', ''} end
 redis.call('HSET', KEYS[1], 'user', user, 'session_id', sid, 'state', 'queued',
-  'attempt', 0, 'last_seq', 0, 'created_ms', ARGV[8], 'request_id', ARGV[6])
+  'attempt', 0, 'last_seq', 0, 'created_ms', ARGV[7], 'request_id', ARGV[5])
 redis.call('EXPIRE', KEYS[1], C.message_ttl)
 redis.call('SET', KEYS[2], mid, 'EX', C.message_ttl)
-redis.call('RPUSH', KEYS[3], ARGV[5])
+redis.call('RPUSH', KEYS[3], ARGV[4])
 redis.call('EXPIRE', KEYS[3], C.hist_ttl)
 while redis.call('LLEN', KEYS[3]) > C.hist_max do
   local old = cjson.decode(redis.call('LPOP', KEYS[3]))
   redis.call('HDEL', KEYS[4], old.message_id)
 end
-if ARGV[6] ~= '' then redis.call('SET', KEYS[5], mid, 'EX', C.grace_s) end
+if ARGV[5] ~= '' then redis.call('SET', KEYS[5], mid, 'EX', C.grace_s) end
 redis.call('SET', KEYS[7], '1', 'PX', C.detach_ms)
-redis.call('XADD', KEYS[6], 'MAXLEN', '~', C.jobs_maxlen, '*', 'j', ARGV[7])
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', C.jobs_maxlen, '*', 'j', ARGV[6])
 redis.call('INCR', KEYS[8])
 return {'ok', mid}
 """
 
 CANCEL = PRELUDE + r"""
 -- KEYS: meta
--- ARGV: config, mid, user, reason, the `cancelled` frame split around its seq (head, tail)
+-- ARGV: mid, user, reason, the `cancelled` frame split around its seq (head, tail)
 -- A running message ends here, at its last stored seq: the store is the authority, so the
 -- client's `cancelled` does not wait for the worker. The cancel key and the push then stop
 -- the worker, whose later writes are refused (state is no longer running). With
 -- C.cancel_ends 0 (the polling baseline of the benchmarks) only the key is set.
-local mid = ARGV[2]
-if redis.call('HGET', KEYS[1], 'user') ~= ARGV[3] then return {'not_found', ''} end
+local mid = ARGV[1]
+local m = redis.call('HMGET', KEYS[1], 'user', 'state', 'last_seq', 'worker')
+if m[1] ~= ARGV[2] then return {'not_found', ''} end
 local grace = redis.call('GET', C.grace .. mid)
 if grace then return {'already_' .. grace, ''} end
-local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'queued' then
-  write_terminal(mid, 'cancelled', 0, ARGV[5] .. '0' .. ARGV[6], '', 'cancelled', 'cancelled')
-  redis.call('HSET', KEYS[1], 'cancel_reason', ARGV[4])
+if m[2] == 'queued' then
+  write_terminal(mid, 'cancelled', 0, ARGV[4] .. '0' .. ARGV[5], '', 'cancelled', 'cancelled', ARGV[3])
   redis.call('DECR', C.queued)
   return {'cancelling', ''}
-elseif state == 'running' then
+elseif m[2] == 'running' then
   if C.cancel_ends == 1 then
-    local seq = redis.call('HGET', KEYS[1], 'last_seq')
-    write_terminal(mid, 'cancelled', seq, ARGV[5] .. seq .. ARGV[6], false, 'cancelled', 'cancelled')
-    redis.call('HSET', KEYS[1], 'cancel_reason', ARGV[4])
+    write_terminal(mid, 'cancelled', m[3], ARGV[4] .. m[3] .. ARGV[5], false, 'cancelled', 'cancelled', ARGV[3])
   end
-  if redis.call('SET', C.cancel .. mid, ARGV[4], 'NX', 'EX', C.message_ttl) then
-    return {'cancelling', redis.call('HGET', KEYS[1], 'worker')}
+  if redis.call('SET', C.cancel .. mid, ARGV[3], 'NX', 'EX', C.message_ttl) then
+    return {'cancelling', m[4]}
   end
   return {'cancelling', ''}
 end
@@ -146,33 +165,33 @@ return 1
 
 FINISH = PRELUDE + r"""
 -- KEYS: meta
--- ARGV: config, mid, worker, attempt, state, seq, frame, text, history status, grace status,
+-- ARGV: mid, worker, attempt, state, seq, frame, text, history status, grace status,
 --       cancelled frame (same seq)
 -- Returns 1 (ended as asked), 2 (ended cancelled instead), 3 (the store had already ended
 -- it cancelled: only the answer's text is saved), 0 (not ours).
 -- A cancel answered `cancelling` promises a `cancelled` terminal: if its key is set when a
 -- job finishes on its own (the Stop raced the last token), the message ends cancelled.
 local m = redis.call('HMGET', KEYS[1], 'worker', 'attempt', 'state')
-if m[1] ~= ARGV[3] or m[2] ~= ARGV[4] then return 0 end
+if m[1] ~= ARGV[2] or m[2] ~= ARGV[3] then return 0 end
 if m[3] == 'cancelled' then
-  save_answer(scope_of(ARGV[2]), ARGV[2], ARGV[8], 'cancelled', true)
-  redis.call('DEL', C.cancel .. ARGV[2])
+  save_answer(scope_of(ARGV[1]), ARGV[1], ARGV[7], 'cancelled', true)
+  redis.call('DEL', C.cancel .. ARGV[1])
   return 3
 end
 if m[3] ~= 'running' then return 0 end
-if ARGV[5] == 'done' and redis.call('EXISTS', C.cancel .. ARGV[2]) == 1 then
-  write_terminal(ARGV[2], 'cancelled', ARGV[6], ARGV[11], ARGV[8], 'cancelled', 'cancelled')
+if ARGV[4] == 'done' and redis.call('EXISTS', C.cancel .. ARGV[1]) == 1 then
+  write_terminal(ARGV[1], 'cancelled', ARGV[5], ARGV[10], ARGV[7], 'cancelled', 'cancelled')
   return 2
 end
-write_terminal(ARGV[2], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10])
+write_terminal(ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
 return 1
 """
 
 SAVE_ANSWER = PRELUDE + r"""
--- KEYS: meta; ARGV: config, mid, text
+-- KEYS: meta; ARGV: mid, text
 -- The text of a message the store cancelled while its worker was dead (from its log), kept
 -- unless the worker saved it first.
 if redis.call('HGET', KEYS[1], 'state') ~= 'cancelled' then return 0 end
-save_answer(scope_of(ARGV[2]), ARGV[2], ARGV[3], 'cancelled', true)
+save_answer(scope_of(ARGV[1]), ARGV[1], ARGV[2], 'cancelled', true)
 return 1
 """

@@ -13,6 +13,7 @@ from protocol.errors import AuthError
 from protocol.messages import Cancelled, encode_text
 from protocol.relay import SeqTracker, Verdict
 from store.redis_store import split_at_seq
+from store.scripts import configured
 from worker.cancel_token import CancelToken, Phase
 
 
@@ -144,3 +145,10 @@ def test_cancelled_frame_split_at_seq_rebuilds_any_seq(seq: int) -> None:
 def test_split_at_seq_refuses_a_frame_without_a_single_seq_zero() -> None:
     with pytest.raises(ValueError):
         split_at_seq('{"type":"cancelled","message_id":"m","seq":5}')
+
+
+def test_script_config_becomes_lua_constants_and_odd_strings_are_refused() -> None:
+    assert configured("return C.ttl", {"meta": "tr:msg:", "ttl": 30}) == 'local C = {meta = "tr:msg:", ttl = 30}\nreturn C.ttl'
+    for odd in ('tr:"x', "tr:\\x", "tr:\nx", "tr:é"):
+        with pytest.raises(ValueError):
+            configured("return 1", {"meta": odd})
