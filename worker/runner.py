@@ -23,8 +23,7 @@ import structlog
 
 from protocol import coalesce
 from protocol.jobs import Job, job_decoder
-from store import keys
-from store import Unavailable
+from store import Unavailable, keys
 from store.redis_store import CONNECTION_ERRORS, Redis, Store, connect, retry
 from store.settings import Lifetimes
 from store.subscriber import Subscriber
@@ -211,34 +210,37 @@ class Worker:
 
     async def _listen_cancels(self) -> None:
         """Keep one lean subscriber on this worker's cancel channel (`store.subscriber`: a
-        push is one hiredis parse and a call, no reader task). After each (re)subscribe, the
-        cancel keys are read once: pub/sub drops what is published while nobody listens."""
+        push is one hiredis parse and a call, no reader task), reconnecting with backoff."""
         backoff = 0.05
-        channel = keys.cancel_channel(self.id)
         while True:
-            try:
-                subscriber = await Subscriber.open(self.config.redis_url, self._on_cancel_push)
-            except Unavailable as exc:
-                error: BaseException | None = exc
-            else:
-                try:
-                    confirmed = subscriber.subscribe(channel)
-                    await asyncio.wait([confirmed], timeout=self.config.subscribe_timeout_s)
-                    if confirmed.done() and confirmed.result():
-                        await self._catch_up_cancels()
-                        backoff = 0.05
-                        error = await subscriber.closed
-                    else:
-                        error = subscriber.closed.result() if subscriber.closed.done() else TimeoutError(
-                            "subscription not confirmed"
-                        )
-                except CONNECTION_ERRORS as exc:
-                    error = exc
-                finally:
-                    subscriber.close()
+            error, listened = await self._cancel_subscription()
+            if listened:
+                backoff = 0.05
             log.warning("cancel_listener_retry", error=str(error), backoff_s=backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
+
+    async def _cancel_subscription(self) -> tuple[BaseException | None, bool]:
+        """One connection: subscribe, read the cancel keys once (pub/sub drops what is
+        published while nobody listens), then take pushes until it ends. Returns why it
+        ended, and whether it got as far as listening."""
+        try:
+            subscriber = await Subscriber.open(self.config.redis_url, self._on_cancel_push)
+        except Unavailable as exc:
+            return exc, False
+        try:
+            confirmed = subscriber.subscribe(keys.cancel_channel(self.id))
+            await asyncio.wait([confirmed], timeout=self.config.subscribe_timeout_s)
+            if not (confirmed.done() and confirmed.result()):
+                if subscriber.closed.done():
+                    return subscriber.closed.result(), False
+                return TimeoutError("the subscription was not confirmed"), False
+            await self._catch_up_cancels()
+            return await subscriber.closed, True
+        except CONNECTION_ERRORS as exc:
+            return exc, False
+        finally:
+            subscriber.close()
 
     def _on_cancel_push(self, _channel: bytes, data: bytes) -> None:
         self.signal_cancel(data.decode(), "push")
