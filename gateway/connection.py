@@ -7,7 +7,8 @@ over its limit; the gateway's sweeper closes a connection whose send has been bl
 `send_now` when they can: written whole, at once, from the pub/sub callback (no task switch,
 no lock to await), and only while no other send is in progress or waiting for buffer room.
 Heartbeats are answered by the reader at once; other requests are handled in order by one
-dispatcher task, so a slow Redis call never delays a heartbeat.
+dispatcher task, so a slow Redis call never delays a heartbeat. A cancel that finds nothing
+ahead of it has its script written from `data_received` (`take_early`, see `gateway.early`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from gateway import SlowConsumer, metrics, requests
+from gateway.early import SentCancel
 from gateway.live import Relay
 from protocol.errors import AuthError, BadRequest
 from protocol.messages import (
@@ -134,7 +136,10 @@ class Connection:
         self.user = "anonymous"
         self.relays: dict[str, tuple[Relay, asyncio.Task[None]]] = {}
         self._cancels_in_flight: dict[str, asyncio.Event] = {}
-        self.requests: asyncio.Queue[ClientMessage] = asyncio.Queue(gateway.config.max_pending_requests)
+        self.requests: asyncio.Queue[ClientMessage | SentCancel] = asyncio.Queue(gateway.config.max_pending_requests)
+        self.authenticated = False
+        self._handling = False
+        """True while the dispatcher handles a request."""
 
     # --- sending ------------------------------------------------------------------------
 
@@ -164,6 +169,7 @@ class Connection:
         try:
             if not await self._authenticate():
                 return
+            self.authenticated = True
             async for raw in self.ws:
                 await self._on_frame(raw)
         except (ConnectionClosed, SlowConsumer):
@@ -213,6 +219,28 @@ class Connection:
                 except asyncio.QueueFull:
                     await self.error("rate_limited", "too many requests in flight on this connection", _rid(message))
 
+    def take_early(self, data: bytes) -> bool:
+        """`EarlyConnection.early`: True when `data` was a cancel by message id whose
+        script is now written, queued for the dispatcher as a `SentCancel`. Only while nothing
+        of this connection waits ahead of it, so requests keep their order."""
+        if not self.authenticated or self._handling or not self.requests.empty() or b'"cancel"' not in data:
+            return False
+        try:
+            message = decode_client(data.decode(), self.gw.config.limits)
+        except (BadRequest, UnicodeDecodeError):
+            return False  # the usual path answers it
+        if not isinstance(message, Cancel) or message.message_id is None:
+            return False
+        held = self._hold_terminal(message.message_id)
+        sent = self.gw.store.send_cancel(message.message_id, self.user, "user")
+        if sent is None:
+            self._release_terminal(message.message_id, held)
+            return False
+        metrics.MESSAGES_IN.labels("cancel").inc()
+        metrics.EARLY_CANCELS.inc()
+        self.requests.put_nowait(SentCancel(message, sent, held))
+        return True
+
     async def _reauth(self, user: str | None, token: str | None) -> None:
         if self.gw.config.auth_secret is not None:
             if token is None:
@@ -233,8 +261,11 @@ class Connection:
     async def _dispatch(self) -> None:
         while True:
             message = await self.requests.get()
+            self._handling = True
             try:
                 match message:
+                    case SentCancel():
+                        await requests.cancel(self, message.message, message)
                     case Chat():
                         await requests.chat(self, message)
                     case Cancel():
@@ -255,6 +286,8 @@ class Connection:
             except Exception:
                 log.exception("request_failed", request=type(message).__name__)
                 await self.error("internal", "the gateway failed to handle this request", _rid(message))
+            finally:
+                self._handling = False
 
     # --- relays -------------------------------------------------------------------------
 
@@ -283,17 +316,25 @@ class Connection:
             del self.relays[relay.message_id]
 
     @contextlib.contextmanager
-    def cancel_result_first(self, message_id: str) -> Iterator[None]:
+    def cancel_result_first(self, message_id: str, held: asyncio.Event | None = None) -> Iterator[None]:
         """While a cancel of `message_id` is answered on this connection, its terminal waits:
         the store publishes `cancelled` before it answers the gateway, and PROTOCOL.md has
-        `cancel_result` (`cancelling`: the terminal follows) come first."""
-        released = self._cancels_in_flight[message_id] = asyncio.Event()
+        `cancel_result` (`cancelling`: the terminal follows) come first. `held`: the wait
+        began when the script was written early (`take_early`)."""
+        held = held or self._hold_terminal(message_id)
         try:
             yield
         finally:
-            released.set()
-            if self._cancels_in_flight.get(message_id) is released:
-                del self._cancels_in_flight[message_id]
+            self._release_terminal(message_id, held)
+
+    def _hold_terminal(self, message_id: str) -> asyncio.Event:
+        held = self._cancels_in_flight[message_id] = asyncio.Event()
+        return held
+
+    def _release_terminal(self, message_id: str, held: asyncio.Event) -> None:
+        held.set()
+        if self._cancels_in_flight.get(message_id) is held:
+            del self._cancels_in_flight[message_id]
 
     def _terminal_gate(self, message_id: str) -> asyncio.Event | None:
         """What the message's terminal frame must wait for: the cancel being answered here."""
@@ -314,5 +355,5 @@ class Connection:
                 log.warning("detach_lease_failed", error=str(exc))
 
 
-def _rid(message: ClientMessage) -> str | None:
+def _rid(message: ClientMessage | SentCancel) -> str | None:
     return message.request_id if isinstance(message, Chat) else None

@@ -127,6 +127,19 @@ class _Connection(asyncio.Protocol):
                 batch.done.set_exception(redis.exceptions.ConnectionError(f"connection to redis lost: {exc}"))
 
 
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """Commands written on a connection, and the future of their replies."""
+
+    connection: _Connection
+    replies: asyncio.Future[list[Any]]
+
+
+def _retrieved(future: asyncio.Future[list[Any]]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class LeanClient:
     """One connection, opened on first use and again after it drops."""
 
@@ -142,12 +155,25 @@ class LeanClient:
         connection = self._connection
         if connection is None or connection.lost:
             connection = await self._connect()
-        reply = connection.send(commands)
+        return await self.replies(Sent(connection, connection.send(commands)))
+
+    def send_now(self, commands: Sequence[Command]) -> Sent | None:
+        """Write `commands` at once, from a callback that cannot await, if the connection is
+        open; None if it is not (then use `execute`). `replies` reads what Redis answers."""
+        connection = self._connection
+        if connection is None or connection.lost:
+            return None
+        sent = Sent(connection, connection.send(commands))
+        sent.replies.add_done_callback(_retrieved)  # its owner may be gone before it reads them
+        return sent
+
+    async def replies(self, sent: Sent) -> list[Any]:
+        """The replies to commands sent, as `execute` returns them (same timeout)."""
         try:
             async with asyncio.timeout(self._timeout_s):
-                return await reply
+                return await sent.replies
         except TimeoutError:
-            connection.close()
+            sent.connection.close()
             raise redis.exceptions.TimeoutError(f"redis did not answer within {self._timeout_s} s") from None
 
     async def call(self, *command: bytes | str | int | float) -> Any:

@@ -331,3 +331,50 @@ def masked_text_frame(payload: bytes) -> bytes:
     assert len(payload) < 126
     mask = b"\x01\x02\x03\x04"
     return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def raw_websocket(port: int) -> socket.socket:
+    """A client socket past the opening handshake (the server's 101 response read)."""
+    sock = await raw_client_that_never_reads(port)
+    loop = asyncio.get_running_loop()
+    response = b""
+    async with asyncio.timeout(t(10)):
+        while b"\r\n\r\n" not in response:
+            response += await loop.sock_recv(sock, 1)
+    assert response.startswith(b"HTTP/1.1 101"), response
+    return sock
+
+
+def server_frames(stream: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of each complete server (unmasked) frame in `stream`, after the HTTP
+    response if it holds one."""
+    pos = stream.index(b"\r\n\r\n") + 4 if stream.startswith(b"HTTP/") else 0
+    frames: list[tuple[int, bytes]] = []
+    while pos + 2 <= len(stream):
+        opcode, length, start = stream[pos] & 0x0F, stream[pos + 1] & 0x7F, pos + 2
+        if length == 126:
+            length, start = int.from_bytes(stream[start : start + 2], "big"), start + 2
+        elif length == 127:
+            length, start = int.from_bytes(stream[start : start + 8], "big"), start + 8
+        if start + length > len(stream):
+            break
+        frames.append((opcode, stream[start : start + length]))
+        pos = start + length
+    return frames
+
+
+async def read_until_eof(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    async with asyncio.timeout(t(20)):
+        while chunk := await loop.sock_recv(sock, 65536):
+            data += chunk
+    return bytes(data)
+
+
+def close_code_in(stream: bytes) -> int | None:
+    """The code of the close frame among the server's frames in `stream`."""
+    for opcode, payload in server_frames(stream):
+        if opcode == 0x8:
+            return int.from_bytes(payload[:2], "big")
+    return None

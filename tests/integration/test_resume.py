@@ -16,8 +16,10 @@ from tests.support import (
     assert_stream_ok,
     client,
     gateway,
+    close_code_in,
     masked_text_frame,
     raw_client_that_never_reads,
+    read_until_eof,
     t,
     wait_until,
     worker,
@@ -152,31 +154,6 @@ async def flood_and_check(gw: Gateway, sock: socket.socket) -> None:
         assert_stream_ok(bob, mid)
         await wait_until(lambda: any(conn.channel.closed_slow for conn in gw.connections), timeout=20)
     assert close_code_in(await read_until_eof(sock)) == 4008
-
-
-async def read_until_eof(sock: socket.socket) -> bytes:
-    loop = asyncio.get_running_loop()
-    data = bytearray()
-    async with asyncio.timeout(t(20)):
-        while chunk := await loop.sock_recv(sock, 65536):
-            data += chunk
-    return bytes(data)
-
-
-def close_code_in(stream: bytes) -> int | None:
-    """Walk the server's (unmasked) frames after the HTTP response; the close frame's code."""
-    pos = stream.index(b"\r\n\r\n") + 4
-    while pos + 2 <= len(stream):
-        opcode, length = stream[pos] & 0x0F, stream[pos + 1] & 0x7F
-        pos += 2
-        if length == 126:
-            length, pos = int.from_bytes(stream[pos : pos + 2], "big"), pos + 2
-        elif length == 127:
-            length, pos = int.from_bytes(stream[pos : pos + 8], "big"), pos + 8
-        if opcode == 0x8:
-            return int.from_bytes(stream[pos : pos + 2], "big")
-        pos += length
-    return None
 
 
 @pytest.mark.parametrize("text", ["x" * 20])
