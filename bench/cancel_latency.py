@@ -167,7 +167,7 @@ async def _mode(mode: str, quick: bool) -> dict[str, Any]:
     async with Cluster(f"{NAME}-{mode}") as cluster:
         ports = await _start(cluster, mode, RATE)
         for label in WINDOWS:
-            deadline_s = 30.0 if quick or label == "heavy" else 90.0 if label == "idle" else 60.0
+            deadline_s = 30.0 if quick or label == "heavy" else 120.0 if label == "idle" else 60.0
             overloaded = label == "heavy" and not quick
             window = await _window(cluster, ports, cancels, 1 if label == "idle" else lanes, loads[label],
                                    deadline_s, overloaded, 1.0 if quick else STREAMING_WINDOW_S)
