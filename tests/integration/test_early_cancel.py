@@ -44,6 +44,16 @@ async def replies(sock: socket.socket, count: int) -> list[dict[str, object]]:
     return [json.loads(text) for text in texts]
 
 
+async def authenticated(port: int, user: str) -> socket.socket:
+    """A raw client, authenticated, after one request that opened the store's lean connection
+    (the early path needs it open)."""
+    sock = await raw_websocket(port)
+    for message, reply in ((frame(type="auth", user=user), "auth_ok"), (frame(type="history", session_id="s0"), "history")):
+        await asyncio.get_running_loop().sock_sendall(sock, message)
+        assert (await replies(sock, 1))[0]["type"] == reply
+    return sock
+
+
 async def test_a_cancel_on_an_idle_connection_is_taken_early_and_answered_before_its_terminal(
     redis_url: str,
 ) -> None:
@@ -62,12 +72,8 @@ async def test_a_cancel_on_an_idle_connection_is_taken_early_and_answered_before
 
 async def test_a_cancel_behind_another_request_keeps_its_turn(redis_url: str) -> None:
     async with gateway(redis_url) as gw:
-        sock = await raw_websocket(gw.port)
+        sock = await authenticated(gw.port, "bo")
         try:
-            await asyncio.get_running_loop().sock_sendall(sock, frame(type="auth", user="bo"))
-            assert (await replies(sock, 1))[0]["type"] == "auth_ok"
-            await asyncio.get_running_loop().sock_sendall(sock, frame(type="history", session_id="s0"))
-            assert (await replies(sock, 1))[0]["type"] == "history"  # the store's lean connection is open
             before = early_cancels()
             both = frame(type="history", session_id="s1") + frame(type="cancel", message_id="m-nope")
             await asyncio.get_running_loop().sock_sendall(sock, both)  # one write: both in one read
@@ -81,12 +87,8 @@ async def test_a_cancel_behind_another_request_keeps_its_turn(redis_url: str) ->
 
 async def test_what_follows_an_early_cancel_is_answered_after_it(redis_url: str) -> None:
     async with gateway(redis_url) as gw:
-        sock = await raw_websocket(gw.port)
+        sock = await authenticated(gw.port, "cy")
         try:
-            await asyncio.get_running_loop().sock_sendall(sock, frame(type="auth", user="cy"))
-            assert (await replies(sock, 1))[0]["type"] == "auth_ok"
-            await asyncio.get_running_loop().sock_sendall(sock, frame(type="history", session_id="s0"))
-            assert (await replies(sock, 1))[0]["type"] == "history"  # the store's lean connection is open
             before = early_cancels()
             both = frame(type="cancel", message_id="m-nope") + frame(type="history", session_id="s1")
             await asyncio.get_running_loop().sock_sendall(sock, both)
