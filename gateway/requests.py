@@ -78,9 +78,10 @@ async def cancel(conn: Connection, message: Cancel, early: SentCancel | None = N
             target = await gw.store.last_message(conn.user, message.session_id)
     status: CancelStatus = "not_found"
     worker = ""
-    with conn.cancel_result_first(target or "", early.held if early is not None else None):
+    held, sent = (early.held, early.sent) if early is not None else (None, None)
+    with conn.cancel_result_first(target or "", held):
         if target is not None:
-            status, worker = await gw.store.cancel(target, conn.user, "user", early.sent if early is not None else None)
+            status, worker = await gw.store.cancel(target, conn.user, "user", sent)
         await conn.reply(CancelResult(status=status, message_id=target, session_id=message.session_id))
     elapsed = time.perf_counter() - started
     metrics.CANCELS.labels(status).inc()
