@@ -3,7 +3,7 @@
 A request normally takes two loop steps before its first Redis command is written: websockets
 queues the frame for the connection's reader task, and the reader queues the request for the
 dispatcher task. On the 2-vCPU box that was ~0.2 ms of an idle cancel's ~1 ms (three runs of 200
-idle cancels: p50 0.80-0.89 ms with this path, 1.02-1.04 ms without; p99 1.44-1.60 against
+idle cancels: p50 0.80-0.89 ms with this path, 1.01-1.04 ms without; p99 1.44-1.60 against
 1.67-1.94). So a `cancel` by message id that arrives while nothing of its connection waits
 anywhere (websockets' queue, the request queue, the dispatcher) is decoded in
 `data_received`, its script is written at once, and the dispatcher then takes it like any other
