@@ -402,7 +402,7 @@ class Store:
     async def save_cancelled_answer(self, message_id: str, text: str) -> None:
         """History text of a message cancelled in the store, unless its worker saved it."""
         async with guarded():
-            await self._save_answer(keys=[keys.meta(message_id)], args=[message_id, text])
+            await self._lean_script(self._save_answer, [keys.meta(message_id)], [message_id, text])
 
     async def session_turns(self, user: str, session_id: str, before: str) -> list[tuple[str, str, str]]:
         """(role, text, message_id) of a session's turns before message `before`, oldest first."""
