@@ -3,12 +3,9 @@
 Every outgoing frame (acks, heartbeat acks, chunks, errors) passes through `send`, which
 holds `send_lock` for the whole frame. A send blocks only while the socket's write buffer is
 over its limit; the gateway's sweeper closes a connection whose send has been blocked for
-`slow_client_timeout_s` (code 4008), so no timer is armed per frame. Relayed frames take
-`send_now` when they can: written whole, at once, from the pub/sub callback (no task switch,
-no lock to await), and only while no other send is in progress or waiting for buffer room.
-Heartbeats are answered by the reader at once; other requests are handled in order by one
-dispatcher task, so a slow Redis call never delays a heartbeat. A cancel that finds nothing
-ahead of it has its script written from `data_received` (`take_early`, see `gateway.early`).
+`slow_client_timeout_s` (code 4008), so no timer is armed per frame. Heartbeats are answered
+by the reader at once; other requests are handled in order by one dispatcher task, so a slow
+Redis call never delays a heartbeat.
 """
 
 from __future__ import annotations
@@ -22,10 +19,8 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
 
 from gateway import SlowConsumer, metrics, requests
-from gateway.early import SentCancel
 from gateway.live import Relay
 from protocol.errors import AuthError, BadRequest
 from protocol.messages import (
@@ -60,38 +55,10 @@ CLOSE_SLOW_CONSUMER = 4008
 
 
 class FrameSink(Protocol):
-    """Where `SendChannel` writes text frames (a `WebSocketSink` in the gateway)."""
+    """Where `SendChannel` writes text frames (the websockets connection in the gateway)."""
 
-    async def send(self, frame: str | bytes) -> None:
+    async def send(self, message: str) -> None:
         """Send one frame, waiting for buffer room if need be."""
-
-    def write_now(self, frame: bytes) -> bool:
-        """Write one frame at once if that needs no waiting; False (nothing written) if not."""
-
-
-class WebSocketSink:
-    """A websockets connection as a `FrameSink`. `write_now` does what `send` does, minus the
-    wait: websockets frames the data and writes it, but only while the connection is open,
-    no fragmented message is being sent and the transport has not asked to pause."""
-
-    def __init__(self, ws: ServerConnection) -> None:
-        self.ws = ws
-
-    async def send(self, frame: str | bytes) -> None:
-        await self.ws.send(frame, text=True)
-
-    def write_now(self, frame: bytes) -> bool:
-        ws = self.ws
-        if (
-            ws.protocol.state is not State.OPEN
-            or ws.paused
-            or ws.send_in_progress is not None
-            or ws.transport.is_closing()
-        ):
-            return False
-        ws.protocol.send_text(frame)
-        ws.send_data()
-        return True
 
 
 class SendChannel:
@@ -105,23 +72,17 @@ class SendChannel:
         self.closed_slow = False
 
     async def send(self, frame: str | bytes) -> None:
+        """Send one text frame (`bytes` must be UTF-8 JSON, as relayed from the log)."""
+        text = frame.decode() if isinstance(frame, bytes) else frame
         async with self.send_lock:
             if self.closed_slow:
                 raise SlowConsumer("connection closed for reading too slowly")
             self._sending_since = time.monotonic()
             try:
-                await self.sink.send(frame)
+                await self.sink.send(text)
             finally:
                 self._sending_since = None
         metrics.FRAMES_OUT.inc()
-
-    def send_now(self, frame: bytes) -> bool:
-        """Write `frame` now if no send holds the lock (so frames never interleave or
-        overtake) and the socket's buffer has room; False: nothing written, use `send`."""
-        if self.send_lock.locked() or self.closed_slow or not self.sink.write_now(frame):
-            return False
-        metrics.FRAMES_OUT.inc()
-        return True
 
     def stalled(self, now: float) -> bool:
         """True once one frame has waited `timeout_s` for the client to read."""
@@ -132,14 +93,12 @@ class Connection:
     def __init__(self, gateway: Gateway, ws: ServerConnection) -> None:
         self.gw = gateway
         self.ws = ws
-        self.channel = SendChannel(WebSocketSink(ws), gateway.config.slow_client_timeout_s)
+        self.channel = SendChannel(ws, gateway.config.slow_client_timeout_s)
         self.user = "anonymous"
         self.relays: dict[str, tuple[Relay, asyncio.Task[None]]] = {}
         self._cancels_in_flight: dict[str, asyncio.Event] = {}
-        self.requests: asyncio.Queue[ClientMessage | SentCancel] = asyncio.Queue(gateway.config.max_pending_requests)
+        self.requests: asyncio.Queue[ClientMessage] = asyncio.Queue(gateway.config.max_pending_requests)
         self.authenticated = False
-        self._handling = False
-        """True while the dispatcher handles a request."""
 
     # --- sending ------------------------------------------------------------------------
 
@@ -219,28 +178,6 @@ class Connection:
                 except asyncio.QueueFull:
                     await self.error("rate_limited", "too many requests in flight on this connection", _rid(message))
 
-    def take_early(self, data: bytes) -> bool:
-        """`EarlyConnection.early`: True when `data` was a cancel by message id whose
-        script is now written, queued for the dispatcher as a `SentCancel`. Only while nothing
-        of this connection waits ahead of it, so requests keep their order."""
-        if not self.authenticated or self._handling or not self.requests.empty() or b'"cancel"' not in data:
-            return False
-        try:
-            message = decode_client(data.decode(), self.gw.config.limits)
-        except (BadRequest, UnicodeDecodeError):
-            return False  # the usual path answers it
-        if not isinstance(message, Cancel) or message.message_id is None:
-            return False
-        held = self._hold_terminal(message.message_id)
-        sent = self.gw.store.send_cancel(message.message_id, self.user, "user")
-        if sent is None:
-            self._release_terminal(message.message_id, held)
-            return False
-        metrics.MESSAGES_IN.labels("cancel").inc()
-        metrics.EARLY_CANCELS.inc()
-        self.requests.put_nowait(SentCancel(message, sent, held))
-        return True
-
     async def _reauth(self, user: str | None, token: str | None) -> None:
         if self.gw.config.auth_secret is not None:
             if token is None:
@@ -261,11 +198,8 @@ class Connection:
     async def _dispatch(self) -> None:
         while True:
             message = await self.requests.get()
-            self._handling = True
             try:
                 match message:
-                    case SentCancel():
-                        await requests.cancel(self, message.message, message)
                     case Chat():
                         await requests.chat(self, message)
                     case Cancel():
@@ -286,8 +220,6 @@ class Connection:
             except Exception:
                 log.exception("request_failed", request=type(message).__name__)
                 await self.error("internal", "the gateway failed to handle this request", _rid(message))
-            finally:
-                self._handling = False
 
     # --- relays -------------------------------------------------------------------------
 
@@ -316,25 +248,17 @@ class Connection:
             del self.relays[relay.message_id]
 
     @contextlib.contextmanager
-    def cancel_result_first(self, message_id: str, held: asyncio.Event | None = None) -> Iterator[None]:
+    def cancel_result_first(self, message_id: str) -> Iterator[None]:
         """While a cancel of `message_id` is answered on this connection, its terminal waits:
         the store publishes `cancelled` before it answers the gateway, and PROTOCOL.md has
-        `cancel_result` (`cancelling`: the terminal follows) come first. `held`: the wait
-        began when the script was written early (`take_early`)."""
-        held = held or self._hold_terminal(message_id)
+        `cancel_result` (`cancelling`: the terminal follows) come first."""
+        held = self._cancels_in_flight[message_id] = asyncio.Event()
         try:
             yield
         finally:
-            self._release_terminal(message_id, held)
-
-    def _hold_terminal(self, message_id: str) -> asyncio.Event:
-        held = self._cancels_in_flight[message_id] = asyncio.Event()
-        return held
-
-    def _release_terminal(self, message_id: str, held: asyncio.Event) -> None:
-        held.set()
-        if self._cancels_in_flight.get(message_id) is held:
-            del self._cancels_in_flight[message_id]
+            held.set()
+            if self._cancels_in_flight.get(message_id) is held:
+                del self._cancels_in_flight[message_id]
 
     def _terminal_gate(self, message_id: str) -> asyncio.Event | None:
         """What the message's terminal frame must wait for: the cancel being answered here."""
@@ -355,5 +279,5 @@ class Connection:
                 log.warning("detach_lease_failed", error=str(exc))
 
 
-def _rid(message: ClientMessage | SentCancel) -> str | None:
+def _rid(message: ClientMessage) -> str | None:
     return message.request_id if isinstance(message, Chat) else None

@@ -139,8 +139,6 @@ class Outlet(Protocol):
 
     async def send(self, frame: str | bytes) -> None: ...
 
-    def send_now(self, frame: bytes) -> bool: ...
-
 
 TerminalGate = Callable[[str], "asyncio.Event | None"]
 """Given the message id: an event that a terminal frame must wait for, or None."""
@@ -168,49 +166,20 @@ class Relay:
         self._inbox: deque[bytes] = deque()
         self._max_inbox = max_inbox
         self._wake = asyncio.Event()
-        self._parked = False
-        """True while `run` waits for frames, with none of its own in hand."""
         self._resync = True
         self.last_heard = asyncio.get_running_loop().time()
 
     def push(self, frame: bytes) -> None:
-        """Called by the hub. While the relay is parked and the connection free, the frame
-        goes out at once (`_deliver_now`); otherwise it waits in the inbox for `run`. A full
-        inbox means the client is behind: drop and re-read the log later, so a slow client
-        costs a bounded amount of gateway memory."""
+        """Called by the hub: the frame waits in the inbox for `run`. A full inbox means the
+        client is behind: drop and re-read the log later, so a slow client costs a bounded
+        amount of gateway memory."""
         self.last_heard = asyncio.get_running_loop().time()
-        if self._parked and not self._inbox and not self._resync and self._deliver_now(frame):
-            return
         if len(self._inbox) >= self._max_inbox:
             self._inbox.clear()
             self._resync = True
         else:
             self._inbox.append(frame)
         self._wake.set()
-
-    def _deliver_now(self, frame: bytes) -> bool:
-        """Offer and write a live frame from the pub/sub callback. False (nothing changed)
-        when it must take the queued path: the connection is busy or its buffer full, or a
-        terminal frame must wait for a `cancel_result`. A frame that does not decode takes the
-        queued path too, so it fails in the relay's task, never in the shared pub/sub callback."""
-        try:
-            envelope = _envelope.decode(frame)
-        except msgspec.DecodeError:
-            return False
-        terminal = envelope.type in TERMINAL_TYPES
-        if terminal and self._gate() is not None:
-            return False
-        match self.tracker.peek(envelope.seq, terminal):
-            case Verdict.DELIVER:
-                if not self._outlet.send_now(frame):
-                    return False
-                self.tracker.offer(envelope.seq, terminal)
-                if self.tracker.finished:
-                    self._wake.set()
-            case Verdict.GAP:
-                self._resync = True
-                self._wake.set()
-        return True
 
     def _gate(self) -> asyncio.Event | None:
         """What this message's terminal frame must wait for, if anything."""
@@ -238,11 +207,7 @@ class Relay:
                     continue
                 if not self._inbox:
                     self._wake.clear()
-                    self._parked = True
-                    try:
-                        await self._wake.wait()
-                    finally:
-                        self._parked = False
+                    await self._wake.wait()
                     continue
                 await self._offer(self._inbox.popleft())
         finally:

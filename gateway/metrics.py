@@ -34,10 +34,6 @@ MESSAGES_IN = Counter("tokenrelay_gateway_client_messages_total", "Client messag
 FRAMES_OUT = LoopCounter("tokenrelay_gateway_frames_out", "Frames sent to clients")
 ERRORS = Counter("tokenrelay_gateway_errors_total", "Error replies, by code", ["code"])
 CANCELS = Counter("tokenrelay_gateway_cancels_total", "Cancel requests, by outcome", ["status"])
-EARLY_CANCELS = Counter(
-    "tokenrelay_gateway_early_cancels_total",
-    "Cancels whose script was written from the frame's callback (nothing of the connection ahead of them)",
-)
 CANCEL_SECONDS = Histogram(
     "tokenrelay_gateway_cancel_seconds",
     "From a cancel's arrival to its cancel_result (the message already ended in the store; "

@@ -15,7 +15,6 @@ from store import Unavailable
 
 if TYPE_CHECKING:
     from gateway.connection import Connection
-    from gateway.early import SentCancel
 
 log = structlog.get_logger("gateway.requests")
 
@@ -60,13 +59,11 @@ async def chat(conn: Connection, message: Chat) -> None:
     await conn.error("internal", "the session kept changing under this request; send it again", job.request_id)
 
 
-async def cancel(conn: Connection, message: Cancel, early: SentCancel | None = None) -> None:
+async def cancel(conn: Connection, message: Cancel) -> None:
     """The client's answer first, then the log line, then the worker's push: the worker is
-    woken last, after the `cancelled` that the CANCEL script published has had its head start
-    (on this 2-vCPU machine, waking the worker before this line's write took idle p95 from
-    1.25-1.43 ms to 1.49-1.52 ms, measured). `early`: the script was already written when the
-    frame arrived (`gateway.early`)."""
-    started = early.started if early is not None else time.perf_counter()
+    woken last, so the `cancelled` that the CANCEL script published gets the CPU first
+    (docs/PERFORMANCE.md, "cancel latency")."""
+    started = time.perf_counter()
     gw = conn.gw
     if message.message_id is None and message.session_id is None:
         await conn.error("bad_request", "cancel needs message_id or session_id")
@@ -78,10 +75,9 @@ async def cancel(conn: Connection, message: Cancel, early: SentCancel | None = N
             target = await gw.store.last_message(conn.user, message.session_id)
     status: CancelStatus = "not_found"
     worker = ""
-    held, sent = (early.held, early.sent) if early is not None else (None, None)
-    with conn.cancel_result_first(target or "", held):
+    with conn.cancel_result_first(target or ""):
         if target is not None:
-            status, worker = await gw.store.cancel(target, conn.user, "user", sent)
+            status, worker = await gw.store.cancel(target, conn.user, "user")
         await conn.reply(CancelResult(status=status, message_id=target, session_id=message.session_id))
     elapsed = time.perf_counter() - started
     metrics.CANCELS.labels(status).inc()
@@ -94,7 +90,6 @@ async def cancel(conn: Connection, message: Cancel, early: SentCancel | None = N
         gateway_id=gw.id,
         worker_id=worker or None,
         elapsed_ms=round(elapsed * 1000, 3),
-        early=early is not None,
     )
     if target is not None:
         await tell_worker(conn, worker, target)

@@ -18,7 +18,6 @@ from websockets.http11 import Request, Response
 
 from gateway import metrics
 from gateway.connection import Connection
-from gateway.early import EarlyConnection
 from gateway.live import LiveHub
 from protocol.auth import verify_token
 from protocol.validation import Limits
@@ -97,7 +96,6 @@ class Gateway:
             close_timeout=c.close_timeout_s,
             max_queue=16,
             compression=None,
-            create_connection=EarlyConnection,
         ) as server:
             self.server = server
             self._port = int(server.sockets[0].getsockname()[1])
@@ -123,12 +121,10 @@ class Gateway:
         log.info("gateway_stopped")
 
     async def _handle(self, ws: ServerConnection) -> None:
-        assert isinstance(ws, EarlyConnection)
         if self.config.send_buffer_bytes is not None:
             sock = ws.transport.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.send_buffer_bytes)
         conn = Connection(self, ws)
-        ws.early = conn.take_early
         self.connections.add(conn)
         metrics.CONNECTIONS.inc()
         try:

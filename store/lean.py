@@ -127,19 +127,6 @@ class _Connection(asyncio.Protocol):
                 batch.done.set_exception(redis.exceptions.ConnectionError(f"connection to redis lost: {exc}"))
 
 
-@dataclass(frozen=True, slots=True)
-class Sent:
-    """Commands written on a connection, and the future of their replies."""
-
-    connection: _Connection
-    replies: asyncio.Future[list[Any]]
-
-
-def _retrieved(future: asyncio.Future[list[Any]]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
 class LeanClient:
     """One connection, opened on first use and again after it drops."""
 
@@ -155,25 +142,12 @@ class LeanClient:
         connection = self._connection
         if connection is None or connection.lost:
             connection = await self._connect()
-        return await self.replies(Sent(connection, connection.send(commands)))
-
-    def send_now(self, commands: Sequence[Command]) -> Sent | None:
-        """Write `commands` at once, from a callback that cannot await, if the connection is
-        open; None if it is not (then use `execute`). `replies` reads what Redis answers."""
-        connection = self._connection
-        if connection is None or connection.lost:
-            return None
-        sent = Sent(connection, connection.send(commands))
-        sent.replies.add_done_callback(_retrieved)  # its owner may be gone before it reads them
-        return sent
-
-    async def replies(self, sent: Sent) -> list[Any]:
-        """The replies to commands sent, as `execute` returns them (same timeout)."""
+        replies = connection.send(commands)
         try:
             async with asyncio.timeout(self._timeout_s):
-                return await sent.replies
+                return await replies
         except TimeoutError:
-            sent.connection.close()
+            connection.close()
             raise redis.exceptions.TimeoutError(f"redis did not answer within {self._timeout_s} s") from None
 
     async def call(self, *command: bytes | str | int | float) -> Any:

@@ -25,7 +25,7 @@ from protocol.messages import (
     server_decoder,
 )
 from store import Unavailable, keys, scripts
-from store.lean import Command, LeanClient, Sent, raised
+from store.lean import Command, LeanClient, raised
 from store.settings import Lifetimes
 
 CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
@@ -199,38 +199,19 @@ class Store:
             )
         return SubmitResult(cast(Any, _s(outcome)), _s(mid))
 
-    async def cancel(
-        self, message_id: str, user: str, reason: str, sent: Sent | None = None
-    ) -> tuple[CancelStatus, str]:
-        """Cancel a message: (status, the worker to notify with `notify_worker`, or "").
-        `sent`: the script was already written by `send_cancel`; only its reply is read."""
-        script_keys, args = [keys.meta(message_id)], self._cancel_args(message_id, user, reason)
+    async def cancel(self, message_id: str, user: str, reason: str) -> tuple[CancelStatus, str]:
+        """Cancel a message: (status, the worker to notify with `notify_worker`, or "")."""
+        head, tail = split_at_seq(encode_text(Cancelled(message_id=message_id, seq=0)))
         async with guarded():
-            status, worker = await self._lean_script(self._cancel, script_keys, args, sent)
+            status, worker = await self._lean_script(
+                self._cancel, [keys.meta(message_id)], [message_id, user, reason, head, tail]
+            )
         return cast(CancelStatus, _s(status)), _s(worker)
 
-    def send_cancel(self, message_id: str, user: str, reason: str) -> Sent | None:
-        """Write the CANCEL script now, from a callback that cannot await (the gateway's
-        early path); None when the lean connection is not open (use `cancel`). Read the
-        outcome with `cancel(..., sent=...)`."""
-        args = self._cancel_args(message_id, user, reason)
-        return self.lean.send_now([("EVALSHA", self._cancel.sha, 1, keys.meta(message_id), *args)])
-
-    @staticmethod
-    def _cancel_args(message_id: str, user: str, reason: str) -> list[Any]:
-        head, tail = split_at_seq(encode_text(Cancelled(message_id=message_id, seq=0)))
-        return [message_id, user, reason, head, tail]
-
-    async def _lean_script(
-        self, script: Any, script_keys: list[str], args: list[Any], sent: Sent | None = None
-    ) -> Any:
-        """Run a registered script by EVALSHA on the lean connection (or read the reply of
-        one already `sent`); redis-py's slower path (which loads it) only when Redis has lost
-        its scripts (NOSCRIPT)."""
+    async def _lean_script(self, script: Any, script_keys: list[str], args: list[Any]) -> Any:
+        """Run a registered script by EVALSHA on the lean connection; redis-py's slower path
+        (which loads it) only when Redis has lost its scripts (NOSCRIPT)."""
         try:
-            if sent is not None:
-                (reply,) = await self.lean.replies(sent)
-                return raised(reply)
             return await self.lean.call("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
         except redis.exceptions.NoScriptError:
             return await script(keys=script_keys, args=args)

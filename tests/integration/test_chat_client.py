@@ -1,4 +1,4 @@
-"""The terminal client (`python -m gateway.chat`) and the demo page, through their public interfaces:
+"""The terminal client (`python -m clients.chat`) and the demo page, through their public interfaces:
 a real process reading stdin and writing stdout, and the page as the gateway serves it."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 
 class Cli:
-    """A `python -m gateway.chat` process whose stdout is read incrementally."""
+    """A `python -m clients.chat` process whose stdout is read incrementally."""
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
@@ -63,7 +63,7 @@ class Cli:
 @contextlib.asynccontextmanager
 async def cli(*args: str, interactive: bool = False) -> AsyncIterator[Cli]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.chat", *args,
+        sys.executable, "-m", "clients.chat", *args,
         cwd=REPO,
         stdin=asyncio.subprocess.PIPE if interactive else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,

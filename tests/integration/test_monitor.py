@@ -9,13 +9,13 @@ import sys
 import time
 from typing import Any
 
-from gateway.monitor import STALE_AFTER_S, parse_counters, to_instance
+from clients.monitor import STALE_AFTER_S, parse_counters, to_instance
 from tests.support import REPO, ProcessCluster, t
 
 
 async def snapshot(redis_url: str, *extra: str) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.monitor", "--redis-url", redis_url, "--once", "--json", *extra,
+        sys.executable, "-m", "clients.monitor", "--redis-url", redis_url, "--once", "--json", *extra,
         cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     async with asyncio.timeout(t(20)):

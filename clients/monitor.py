@@ -1,4 +1,4 @@
-"""`tokenrelay-monitor` / `python -m gateway.monitor`: a live view of a tokenrelay deployment.
+"""`tokenrelay-monitor` / `python -m clients.monitor`: a live view of a tokenrelay deployment.
 
 Reads Redis only (no gateway or worker is asked anything but `GET /metrics`):
 - instances: the `tr:inst:{kind}:{id}` hashes that gateways and workers refresh every 5 s;
@@ -9,8 +9,8 @@ Reads Redis only (no gateway or worker is asked anything but `GET /metrics`):
   has no `lag`), and the dead-letter stream's length;
 - cancel and error rates: each gateway's `/metrics` counters, differenced between refreshes.
 
-    python -m gateway.monitor [--redis-url URL]          # live, refreshed every second
-    python -m gateway.monitor --once --json              # one snapshot as JSON, then exit
+    python -m clients.monitor [--redis-url URL]          # live, refreshed every second
+    python -m clients.monitor --once --json              # one snapshot as JSON, then exit
 """
 
 from __future__ import annotations
