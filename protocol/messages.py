@@ -167,6 +167,17 @@ ServerMessage = (
     | HistoryCleared
 )
 Terminal = Done | Cancelled | Error
+TerminalState = Literal["done", "cancelled", "error"]
+
+
+def state_of(terminal: Terminal) -> TerminalState:
+    """The state a message is left in by its terminal event."""
+    match terminal:
+        case Done():
+            return "done"
+        case Cancelled():
+            return "cancelled"
+    return "error"
 
 encoder = msgspec.json.Encoder()
 server_decoder: msgspec.json.Decoder[ServerMessage] = msgspec.json.Decoder(ServerMessage)
