@@ -43,6 +43,7 @@ from protocol.messages import (
 )
 from protocol.validation import decode_client
 from store import Unavailable
+from store.retry import REDIS_ERRORS
 from store.tasks import cancel_all, spawn
 
 if TYPE_CHECKING:
@@ -282,7 +283,7 @@ class Connection:
         if unfinished:
             try:
                 await self.gw.store.refresh_attach(unfinished, self.gw.store.lifetimes.detach_grace_ms)
-            except Unavailable as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("detach_lease_failed", error=str(exc))
 
 

@@ -28,13 +28,8 @@ from protocol.messages import (
 )
 from store import Unavailable, keys, scripts
 from store.lean import Command, LeanClient, raised
+from store.retry import is_unavailable
 from store.settings import Lifetimes
-
-CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
-UNAVAILABLE_REPLIES = ("OOM", "READONLY", "BUSY", "LOADING", "MISCONF", "TRYAGAIN", "CLUSTERDOWN",
-                       "MASTERDOWN", "NOREPLICAS")
-"""Error replies of a Redis that is up but cannot take the command now: for a client, the
-same as an unreachable Redis (`unavailable`, try again shortly)."""
 
 Redis = aioredis.Redis
 log = structlog.get_logger("store")
@@ -63,13 +58,6 @@ def connect(url: str, *, timeout_s: float | None = 2.0, max_connections: int = 2
         decode_responses=False,
     )
     return aioredis.Redis.from_pool(pool)
-
-
-def is_unavailable(exc: BaseException) -> bool:
-    """True for a Redis that cannot be reached or cannot take commands now."""
-    if isinstance(exc, (*CONNECTION_ERRORS, Unavailable)):
-        return True
-    return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith(UNAVAILABLE_REPLIES)
 
 
 @asynccontextmanager

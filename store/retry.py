@@ -9,6 +9,7 @@ backoff (redis-py's `EqualJitterBackoff`), up to a deadline where the caller giv
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -26,6 +27,27 @@ T = TypeVar("T")
 REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OSError, Unavailable)
 """Everything Redis (or the way to it) can throw at a caller: connection loss, timeouts and
 error replies alike."""
+
+CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+_BUSY_CLASSES = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.MasterDownError,
+)
+_BUSY_CODES = re.compile(r"(?:^|: -)(OOM|READONLY|BUSY|LOADING|MISCONF|TRYAGAIN|CLUSTERDOWN|MASTERDOWN|NOREPLICAS)\b")
+"""Error codes of a Redis that is up but cannot take the command now, at the start of a reply
+or, inside a script's error (Redis 6.2 wraps them), after ': -'."""
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True for a Redis that cannot be reached, or cannot take commands now (for a client
+    the same thing: `unavailable`, try again shortly); False for other errors (a bug)."""
+    if isinstance(exc, (*CONNECTION_ERRORS, *_BUSY_CLASSES, Unavailable)):
+        return True
+    return isinstance(exc, redis.exceptions.ResponseError) and _BUSY_CODES.search(str(exc)) is not None
 
 
 class Backoff:

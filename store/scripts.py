@@ -84,8 +84,9 @@ if ARGV[5] ~= '' then
 end
 local prev = redis.call('GET', KEYS[2])
 if prev and prev ~= ARGV[8] then return {'busy', prev} end
-redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', tonumber(ARGV[7]) - C.message_ttl * 1000)
-if redis.call('ZCARD', KEYS[8]) >= C.backlog_limit then return {'overloaded', ''} end
+local stale = tonumber(ARGV[7]) - C.message_ttl * 1000
+if redis.call('ZCOUNT', KEYS[8], '(' .. stale, '+inf') >= C.backlog_limit then return {'overloaded', ''} end
+-- The first write is one Redis refuses at maxmemory (OOM), so a refused SUBMIT changed nothing.
 redis.call('HSET', KEYS[1], 'user', user, 'session_id', sid, 'state', 'queued',
   'attempt', 0, 'last_seq', 0, 'created_ms', ARGV[7], 'request_id', ARGV[5], 'job', ARGV[6])
 redis.call('EXPIRE', KEYS[1], C.message_ttl)
@@ -99,6 +100,7 @@ end
 if ARGV[5] ~= '' then redis.call('SET', KEYS[5], mid, 'EX', C.grace_s) end
 redis.call('SET', KEYS[7], '1', 'PX', C.detach_ms)
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', C.jobs_maxlen, '*', 'm', ARGV[9])
+redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', stale)
 redis.call('ZADD', KEYS[8], ARGV[7], mid)
 redis.call('PEXPIRE', KEYS[8], C.message_ttl * 1000)
 return {'ok', mid}
