@@ -13,7 +13,6 @@ import msgspec
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
 USER_PATTERN = r"^[A-Za-z0-9_.@\-]{1,64}$"
-SESSION_ID_RE = re.compile(SESSION_ID_PATTERN)
 USER_RE = re.compile(USER_PATTERN)
 
 SessionId = Annotated[str, msgspec.Meta(pattern=SESSION_ID_PATTERN)]

@@ -37,7 +37,7 @@ log = structlog.get_logger("store")
 
 _DRIVER_INFO = DriverInfo()
 """Resolved once: redis-py otherwise reads its package metadata (an email-parser pass over
-METADATA) for every new connection, which was a quarter of a gateway's CPU under load."""
+METADATA) for every new connection, a large share of a busy gateway's CPU."""
 
 
 def connect(url: str, *, timeout_s: float | None = 2.0, max_connections: int = 2_000) -> Redis:
