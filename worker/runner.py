@@ -34,6 +34,7 @@ from store.settings import Lifetimes
 from store.subscriber import Subscriber
 from store.tasks import Supervisor
 from worker import metrics
+from worker.consume import Consumer
 from worker.engines.base import Engine
 from worker.job import JobServices, Running, Taken, end, run_job
 from worker.progress import SHUTDOWN
@@ -74,7 +75,11 @@ class Worker:
         self.handling: set[bytes] = set()
         """Job stream entries this worker has a task for (claiming, running or ending)."""
         self._job_tasks: set[asyncio.Task[None]] = set()
-        self._slot_freed = asyncio.Event()
+        self.consumer = Consumer(
+            self._blocking, [keys.JOBS_STREAM], keys.WORKER_GROUP, self.id,
+            free_slots=self._free_slots, on_entries=self._on_entries, ensure_group=self.ensure_group,
+            block_ms=config.block_ms,
+        )
         self.with_history = any(e.name == "llama" for e in engines)
         self.registry = Registry(
             self.store, "worker", self.id, self._describe,
@@ -84,9 +89,9 @@ class Worker:
     def _describe(self) -> dict[str, str | int | float]:
         return {"active": len(self.running), "capacity": len(self._all_engines)}
 
-    async def ensure_group(self) -> None:
+    async def ensure_group(self, stream: str = keys.JOBS_STREAM) -> None:
         try:
-            await self.store.redis.xgroup_create(keys.JOBS_STREAM, keys.WORKER_GROUP, id="0", mkstream=True)
+            await self.store.redis.xgroup_create(stream, keys.WORKER_GROUP, id="0", mkstream=True)
         except redis.exceptions.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -106,7 +111,7 @@ class Worker:
         background.start(self._watch_orphans, "orphans")
         background.start(Reaper(self).run, "reaper")
         consume = Supervisor()
-        consume.start(self._consume, "consume")
+        consume.start(self.consumer.run, "consume")
         log.info("worker_started", concurrency=self.config.concurrency, engine=self._all_engines[0].name)
         await stop.wait()
         log.info("worker_draining", running=len(self.running))
@@ -134,30 +139,12 @@ class Worker:
 
     # --- consuming ----------------------------------------------------------------------
 
-    async def _consume(self) -> None:
-        backoff = Backoff()
-        while True:
-            free = self._engines.qsize() - self._claimed_waiting()
-            if free <= 0:
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
-                continue
-            try:
-                reply = await self._blocking.xreadgroup(
-                    keys.WORKER_GROUP, self.id, {keys.JOBS_STREAM: ">"}, count=free, block=self.config.block_ms
-                )
-                backoff.reset()
-            except REDIS_ERRORS as exc:
-                if "NOGROUP" in str(exc):
-                    await retry(self.ensure_group, "xgroup_create")
-                    continue
-                delay = await backoff.wait()
-                log.warning("consume_retry", error=str(exc), backoff_s=round(delay, 3))
-                continue
-            streams: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] = reply or []  # type: ignore[assignment]
-            for _stream, entries in streams:
-                for entry_id, fields in entries:
-                    self.start_job(entry_id, fields[b"m"].decode())
+    def _free_slots(self) -> int:
+        return self._engines.qsize() - self._claimed_waiting()
+
+    def _on_entries(self, _stream: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        for entry_id, fields in entries:
+            self.start_job(entry_id, fields[b"m"].decode())
 
     def _claimed_waiting(self) -> int:
         return len(self._job_tasks) - len(self.running)
@@ -171,7 +158,7 @@ class Worker:
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
         self._job_tasks.discard(task)
-        self._slot_freed.set()
+        self.consumer.slot_freed.set()
 
     async def _handle(self, entry_id: bytes, message_id: str, taken: Taken | None) -> None:
         bound = log.bind(message_id=message_id)
