@@ -152,6 +152,8 @@ class Gateway:
             response = ws.respond(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, body + "\n")
             response.headers["Content-Type"] = "application/json"
             return response
+        if path == "/info":
+            return await self._info(ws)
         if path == "/metrics":
             response = ws.respond(HTTPStatus.OK, prometheus_client.generate_latest().decode())
             response.headers["Content-Type"] = prometheus_client.CONTENT_TYPE_LATEST
@@ -161,6 +163,36 @@ class Gateway:
             response.headers["Content-Type"] = "text/html; charset=utf-8"
             return response
         return ws.respond(HTTPStatus.NOT_FOUND, "not found\n")
+
+    async def _info(self, ws: ServerConnection) -> Response:
+        """`GET /info` (an extension, see README): the models that live workers serve, from
+        their instance records; 503 when Redis cannot be asked."""
+        try:
+            counts = await asyncio.wait_for(self._worker_models(), timeout=1.0)
+        except (TimeoutError, *CONNECTION_ERRORS) as exc:
+            log.warning("info_failed", error=str(exc))
+            response = ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, json.dumps({"models": [], "redis": False}) + "\n")
+        else:
+            models = [{"name": name, "workers": n} for name, n in sorted(counts.items())]
+            response = ws.respond(HTTPStatus.OK, json.dumps({"models": models, "redis": True}) + "\n")
+        response.headers["Content-Type"] = "application/json"
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    async def _worker_models(self) -> dict[str, int]:
+        """Model name → number of registered workers serving it."""
+        names = [key async for key in self.store.redis.scan_iter(match=keys.instance("worker", "*"), count=500)]
+        if not names:
+            return {}
+        async with self.store.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hget(name, "model")
+            models: list[bytes | None] = await pipe.execute()
+        counts: dict[str, int] = {}
+        for model in models:
+            if model:
+                counts[model.decode()] = counts.get(model.decode(), 0) + 1
+        return counts
 
     async def _close_slow_clients(self) -> None:
         """One sweep for all connections instead of a timer per frame sent."""

@@ -11,10 +11,10 @@ import structlog
 from protocol import coalesce
 from protocol.coalesce import Coalescer
 from protocol.jobs import Job
-from protocol.messages import Cancelled, Chunk, Done, Error, Terminal, encode_text
+from protocol.messages import Cancelled, Chunk, Done, Error, ErrorCode, Terminal, encode_text
 from store import keys
 from store.redis_store import Append, Ending, Store, retry
-from worker import metrics
+from worker import PromptTooLong, metrics
 from worker.cancel_token import CancelToken
 from worker.engines.base import Engine, Finish, GenerationRequest, Turn
 from worker.writer import ChunkWriter
@@ -65,12 +65,12 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
     history: list[Turn] = []
     if services.with_history:
         history = [
-            Turn(role, text)  # type: ignore[arg-type]
-            for role, text, _mid in await services.store.session_turns(
-                job.user, job.session_id, before=job.message_id
-            )
+            Turn(turn.role, turn.text, "cancelled" if turn.status == "cancelled" else "complete")
+            for turn in await services.store.session_turns(job.user, job.session_id, before=job.message_id)
         ]
-    request = GenerationRequest(job.message_id, job.text, job.max_tokens, history)
+    request = GenerationRequest(
+        job.message_id, job.text, job.max_tokens, history, temperature=job.temperature, seed=job.seed
+    )
     coalescer = Coalescer(window_s=0.0 if services.engine.coalesces else services.coalesce_window_s)
     seq = start_seq
     chunks: list[str] = []
@@ -128,7 +128,7 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
             timer = loop.call_at(deadline, on_deadline)
 
     finish: Finish | None = None
-    failure: str | None = None
+    failure: tuple[ErrorCode, str] | None = None
     try:
         async for item in services.engine.generate(request, token):
             if isinstance(item, Finish):
@@ -140,9 +140,12 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
             arm()
             if services.writer.full:
                 await services.writer.room()
+    except PromptTooLong as exc:  # PROTOCOL.md: "text too long" is bad_request; resending fails alike
+        log.info("prompt_too_long", tokens=exc.tokens, budget=exc.budget)
+        failure = ("bad_request", str(exc))
     except Exception as exc:  # an engine failure ends this message, not the worker
         log.exception("engine_failed")
-        failure = f"generation failed: {type(exc).__name__}"
+        failure = ("internal", f"generation failed: {type(exc).__name__}")
     finally:
         if timer is not None:
             timer.cancel()
@@ -158,7 +161,7 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
         return "lost"
     terminal: Terminal
     if failure is not None:
-        terminal = Error(code="internal", message=failure, message_id=job.message_id, seq=seq)
+        terminal = Error(code=failure[0], message=failure[1], message_id=job.message_id, seq=seq)
     elif token.reason == SHUTDOWN:
         terminal = Error(
             code="worker_lost",

@@ -297,6 +297,7 @@ class Worker:
                             "started": self.started,
                             "active": len(self.running),
                             "capacity": len(self._all_engines),
+                            "model": self._all_engines[0].model,
                             "last_beat": time.time(),
                         },
                     )
