@@ -17,7 +17,7 @@ from protocol.logconfig import configure_logging
 from store.embedded import default_redis_url
 from store.settings import Lifetimes
 from worker import ModelError
-from worker.engines.base import Engine
+from worker.engines.base import DEFAULT_TEMPERATURE, Engine
 from worker.runner import Worker, WorkerConfig
 
 
@@ -33,7 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--system-prompt", default=None, help="system message of every conversation (default: the template's)")
     parser.add_argument(
-        "--temperature", type=_temperature, default=0.8, help="default sampling temperature, 0-2 (0: greedy); a chat may set its own"
+        "--temperature",
+        type=_temperature,
+        default=DEFAULT_TEMPERATURE,
+        help=f"default sampling temperature, 0-2 (0: greedy; default {DEFAULT_TEMPERATURE}); a chat may set its own",
     )
     parser.add_argument("--seed", type=int, default=None, help="default sampling seed (default: random); a chat may set its own")
     parser.add_argument("--concurrency", type=int, default=None, help="jobs at once (llama: 1, synthetic: 200)")

@@ -37,7 +37,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from protocol import coalesce
 from worker import prompt
 from worker.cancel_token import CancelToken, Phase
-from worker.engines.base import Finish, GenerationRequest
+from worker.engines.base import DEFAULT_TEMPERATURE, Finish, GenerationRequest
 from worker.engines.handoff import Handoff
 from worker.model.choice import BUILTIN, ModelFile, model_file, resolve_model
 
@@ -130,7 +130,7 @@ class LlamaEngine:
         n_gpu_layers: int = 0,
         system_prompt: str | None = None,
         seed: int | None = None,
-        temperature: float = 0.8,
+        temperature: float = DEFAULT_TEMPERATURE,
         top_k: int = 40,
         top_p: float = 0.95,
         min_p: float = 0.05,
