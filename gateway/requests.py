@@ -36,6 +36,8 @@ async def chat(conn: Connection, message: Chat) -> None:
         max_tokens=message.max_tokens or gw.config.default_max_tokens,
         request_id=message.request_id,
         created_ms=int(time.time() * 1000),
+        temperature=message.temperature,
+        seed=message.seed,
     )
     supersede = ""
     for _attempt in range(SUPERSEDE_ATTEMPTS):

@@ -23,7 +23,7 @@ from protocol.auth import verify_token
 from protocol.validation import Limits
 from store import Unavailable
 from store.redis_store import Store, connect
-from store.registry import Registry
+from store.registry import Registry, read_instances
 from store.retry import REDIS_ERRORS
 from store.settings import Lifetimes
 from store.tasks import Supervisor, spawn
@@ -153,6 +153,8 @@ class Gateway:
             response = ws.respond(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, body + "\n")
             response.headers["Content-Type"] = "application/json"
             return response
+        if path == "/info":
+            return await self._info(ws)
         if path == "/metrics":
             response = ws.respond(HTTPStatus.OK, prometheus_client.generate_latest().decode())
             response.headers["Content-Type"] = prometheus_client.CONTENT_TYPE_LATEST
@@ -162,6 +164,29 @@ class Gateway:
             response.headers["Content-Type"] = "text/html; charset=utf-8"
             return response
         return ws.respond(HTTPStatus.NOT_FOUND, "not found\n")
+
+    async def _info(self, ws: ServerConnection) -> Response:
+        """`GET /info` (an extension, see README): the models that live workers serve, from
+        their instance records; 503 when Redis cannot be asked."""
+        try:
+            counts = await asyncio.wait_for(self._worker_models(), timeout=1.0)
+        except REDIS_ERRORS as exc:  # TimeoutError is an OSError
+            log.warning("info_failed", error=str(exc))
+            response = ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, json.dumps({"models": [], "redis": False}) + "\n")
+        else:
+            models = [{"name": name, "workers": n} for name, n in sorted(counts.items())]
+            response = ws.respond(HTTPStatus.OK, json.dumps({"models": models, "redis": True}) + "\n")
+        response.headers["Content-Type"] = "application/json"
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    async def _worker_models(self) -> dict[str, int]:
+        """Model name → number of registered workers serving it."""
+        counts: dict[str, int] = {}
+        for record in await read_instances(self.store.redis, "worker"):
+            if model := record.get("model"):
+                counts[model] = counts.get(model, 0) + 1
+        return counts
 
     async def _close_slow_clients(self) -> None:
         """One sweep for all connections instead of a timer per frame sent."""

@@ -15,6 +15,10 @@ class Job(msgspec.Struct, frozen=True):
     max_tokens: int
     request_id: str | None = None
     created_ms: int = 0
+    temperature: float | None = None
+    """None: the worker's default."""
+    seed: int | None = None
+    """None: the worker's default."""
 
 
 class StoredTurn(msgspec.Struct, frozen=True):

@@ -38,6 +38,10 @@ class Chat(_Client, tag="chat"):
     text: Text
     request_id: RequestId | None = None
     max_tokens: PositiveInt | None = None
+    temperature: float | None = None
+    """0-2; 0 = greedy (the same text every time). Range checked in `protocol.validation`."""
+    seed: int | None = None
+    """Any signed 64-bit integer, for reproducible sampling."""
 
 
 class Cancel(_Client, tag="cancel"):

@@ -388,11 +388,7 @@ class Store:
         async with guarded():
             await self._lean_script(self._save_answer, [keys.meta(message_id)], [message_id, text])
 
-    async def session_turns(self, user: str, session_id: str, before: str) -> list[tuple[str, str, str]]:
-        """(role, text, message_id) of a session's turns before message `before`, oldest first."""
+    async def session_turns(self, user: str, session_id: str, before: str) -> list[HistoryTurn]:
+        """A session's complete and cancelled turns with text, before message `before`, oldest first."""
         turns = await self.history(user, session_id, before)
-        out: list[tuple[str, str, str]] = []
-        for turn in turns:
-            if turn.status in ("complete", "cancelled") and turn.text:
-                out.append((turn.role, turn.text, turn.message_id))
-        return out
+        return [turn for turn in turns if turn.status in ("complete", "cancelled") and turn.text]

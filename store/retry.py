@@ -24,7 +24,7 @@ log = structlog.get_logger("store.retry")
 
 T = TypeVar("T")
 
-REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OSError, Unavailable)
+REDIS_ERRORS = (redis.exceptions.RedisError, OSError, Unavailable)
 """Everything Redis (or the way to it) can throw at a caller: connection loss, timeouts and
 error replies alike."""
 

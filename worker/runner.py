@@ -87,7 +87,7 @@ class Worker:
         )
 
     def _describe(self) -> dict[str, str | int | float]:
-        return {"active": len(self.running), "capacity": len(self._all_engines)}
+        return {"active": len(self.running), "capacity": len(self._all_engines), "model": self._all_engines[0].model}
 
     async def ensure_group(self, stream: str = keys.JOBS_STREAM) -> None:
         try:

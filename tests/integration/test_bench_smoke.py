@@ -40,17 +40,23 @@ def number(value: Any) -> float:
 
 
 @pytest.mark.llama
+@pytest.mark.real_model
 def test_relay_overhead_quick(tmp_path: Path) -> None:
-    figures = run_bench("relay_overhead", tmp_path)
-    for key in ("direct_tokens_per_s", "system_tokens_per_s", "relay_cost_pct",
-                "direct_first_token_ms", "system_first_chunk_ms", "system_tokens_median"):
-        number(figures[key])
-    assert number(figures["direct_tokens_per_s"]) > 0
-    assert number(figures["system_tokens_per_s"]) > 0
-    assert figures["system_messages"]
-    for message in figures["system_messages"]:
-        assert message["terminal"] == "done"
-        assert number(message["tokens"]) > 0
+    """Both models in the same run: the built-in one and SmolLM2."""
+    all_figures = run_bench("relay_overhead", tmp_path, timeout_s=180)
+    assert {key: all_figures[key]["model"] for key in ("builtin", "smollm2")} == {
+        "builtin": "builtin", "smollm2": "SmolLM2-135M-Instruct"}
+    for figures in (all_figures["builtin"], all_figures["smollm2"]):
+        for key in ("direct_tokens_per_s", "system_tokens_per_s", "system_share_pct", "first_chunk_overhead_ms",
+                    "direct_first_token_ms", "system_first_chunk_ms", "system_tokens_median"):
+            number(figures[key])
+        assert number(figures["direct_tokens_per_s"]) > 0
+        assert number(figures["system_tokens_per_s"]) > 0
+        assert number(figures["worker_rss_mib"]) > 0
+        assert figures["system_messages"]
+        for message in figures["system_messages"]:
+            assert message["terminal"] == "done"
+            assert number(message["tokens"]) > 0
 
 
 def test_cancel_latency_quick(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from protocol.jobs import Job
-from protocol.messages import Cancelled, Chunk, Done, encode_text
+from protocol.messages import Cancelled, Chunk, Done, HistoryTurn, encode_text
 from store import keys
 from store.redis_store import APPEND_RESULTS, Append, Store, connect
 
@@ -177,13 +177,19 @@ async def test_session_turns_are_those_of_earlier_messages_only(store: Store) ->
     first, attempt = await running_message(store, session="hist")
     assert await append(store, first, attempt, 1, "one ") == "written"
     assert await finish_done(store, first, attempt, 1, "one ") == "ended"
+    stopped, attempt = await running_message(store, session="hist")
+    assert await append(store, stopped, attempt, 1, "par") == "written"
+    assert (await store.cancel(stopped, "u", "user"))[0] == "cancelling"
+    await store.finish(stopped, WORKER, attempt, Cancelled(message_id=stopped, seq=1), "par")
     second, _ = await running_message(store, session="hist")
     assert await store.session_turns("u", "hist", before=second) == [
-        ("user", "hi", first),
-        ("assistant", "one ", first),
+        HistoryTurn(first, "user", "hi", "complete"),
+        HistoryTurn(first, "assistant", "one ", "complete"),
+        HistoryTurn(stopped, "user", "hi", "complete"),
+        HistoryTurn(stopped, "assistant", "par", "cancelled"),
     ]
     assert await store.session_turns("u", "hist", before=first) == []
-    assert [(t.message_id, t.role) for t in await store.history("u", "hist")][2:] == [
+    assert [(t.message_id, t.role) for t in await store.history("u", "hist")][4:] == [
         (second, "user"),
         (second, "assistant"),  # streaming, no text yet
     ]

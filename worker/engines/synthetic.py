@@ -1,7 +1,8 @@
 """Deterministic text at a fixed rate, for load tests and benchmarks.
 
-Emits exactly `max_tokens` tokens at `rate` tokens per second, then `Finish("length")`. The
-pause between tokens wakes at once on cancel, so a cancel costs no more than one timer hop.
+Emits exactly `max_tokens` tokens at `rate` tokens per second, then `Finish("length")`, whatever
+the request's history and sampling fields. The pause between tokens wakes at once on cancel,
+so a cancel costs no more than one timer hop.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ worker process (SIGKILL) before its first token: a poison job."""
 
 class SyntheticEngine:
     name = "synthetic"
+    model = "synthetic"
     coalesces = False
 
     def __init__(self, rate: float = 20.0) -> None:
