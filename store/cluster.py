@@ -247,10 +247,16 @@ class ClusterClient:
         return raised(reply)
 
     async def close(self) -> None:
+        self.disconnect()
+
+    def disconnect(self) -> None:
+        """Close every connection now (a later call opens them again)."""
         for node in self._nodes.values():
             node.close()
-        self._nodes.clear()
         self._owners = None
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            self._refreshing = None
 
     async def _send(
         self,

@@ -98,7 +98,7 @@ def _promoted(cluster: EmbeddedCluster, replicas: list[ClusterNode]) -> ClusterN
     for replica in replicas:
         if roles.get(replica.port, 0) is None:
             with replica.client() as client:
-                info = client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+                info = client.execute_command("CLUSTER", "INFO")
             if b"cluster_state:ok" in info:
                 return replica
     return None
@@ -131,7 +131,7 @@ async def restore(cluster: EmbeddedCluster, node: ClusterNode) -> None:
 
 def _node_command(node: ClusterNode, *args: str | int) -> object:
     with node.client() as client:
-        return client.execute_command(*args)  # type: ignore[no-untyped-call]
+        return client.execute_command(*args)
 
 
 def start_migration(cluster: EmbeddedCluster, slot: int, target: ClusterNode) -> ClusterNode:
