@@ -140,7 +140,7 @@ async def test_ask_during_a_migration_reaches_the_importing_master(
         assert replies == [b"a", b"b", b"OK"]
         assert client.owner(slot) == ("127.0.0.1", source.port), "ASK does not change the map"
         with target.client() as direct:  # the new key was created on the importing master
-            assert direct.execute_command("ASKING") and direct.get(new_key) == b"c"  # type: ignore[no-untyped-call]
+            assert direct.execute_command("ASKING") and direct.get(new_key) == b"c"
         await asyncio.to_thread(finish_migration, redis_cluster, slot, source, target)
         assert await client.execute([("MGET", moved_key, staying_key, new_key)]) == [[b"a", b"b", b"c"]]
     finally:

@@ -4,7 +4,7 @@ Redis 7, one broadcast subscription (SUBSCRIBE) on 6.2; both heal after a lost n
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis.exceptions
@@ -38,9 +38,9 @@ class Inbox:
         self.resubscribed.extend(channels)
         self._new.set()
 
-    async def wait(self, condition: object, timeout: float = 10.0) -> None:
+    async def wait(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
         async with asyncio.timeout(t(timeout)):
-            while not condition():  # type: ignore[operator]
+            while not condition():
                 self._new.clear()
                 await self._new.wait()
 
@@ -88,9 +88,9 @@ def subscribed_on(cluster: EmbeddedCluster, channel: str, sharded: bool) -> Clus
     for node in cluster.masters():
         with node.client() as client:
             if sharded:
-                counts = client.execute_command("PUBSUB", "SHARDNUMSUB", channel)  # type: ignore[no-untyped-call]
+                counts = client.execute_command("PUBSUB", "SHARDNUMSUB", channel)
             else:
-                counts = client.execute_command("PUBSUB", "NUMSUB", channel)  # type: ignore[no-untyped-call]
+                counts = client.execute_command("PUBSUB", "NUMSUB", channel)
         if counts[1] >= 1:
             return node
     raise AssertionError(f"nobody subscribes {channel}")
