@@ -44,6 +44,7 @@ _KEY_AFTER_SUBCOMMAND = frozenset("XINFO OBJECT".split())
 _NO_KEY = -1
 _STREAMS = -2
 _RETRY_LATER = (b"TRYAGAIN", b"CLUSTERDOWN", b"LOADING")
+_REDIRECTIONS = ("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN", "LOADING")
 _MAX_MOVED = 5
 """MOVED rounds in one call: the map read after a MOVED should be right; ASK and TRYAGAIN
 repeat until the migration ends or the call's deadline."""
@@ -75,6 +76,17 @@ def _key_position(name: str) -> int:
 
 
 _positions: dict[bytes | str, int] = {}
+_slots: dict[bytes | str, int] = {}
+"""Slots of keys seen lately: a message's keys come back with each of its chunks."""
+
+
+def key_slot_of(key: bytes | str) -> int:
+    slot = _slots.get(key)
+    if slot is None:
+        if len(_slots) >= 65_536:
+            _slots.clear()
+        slot = _slots[key] = key_slot(key if isinstance(key, bytes) else key.encode())
+    return slot
 
 
 def command_slot(command: Command) -> int | None:
@@ -85,18 +97,18 @@ def command_slot(command: Command) -> int | None:
         text = name.decode() if isinstance(name, bytes) else str(name)
         position = _key_position(text.upper())
         if len(_positions) < 512:
-            _positions[text if isinstance(name, str) else name] = position  # type: ignore[index]
+            _positions[name] = position  # type: ignore[index]
     if position == _NO_KEY:
         return None
     if position == _STREAMS:
         upper = [a.upper() if isinstance(a, (bytes, str)) else a for a in command]
         position = (upper.index("STREAMS") if "STREAMS" in upper else upper.index(b"STREAMS")) + 1
-    elif position == 3 and int(command[2]) == 0:
+    elif position == 3 and command[2] != 1 and int(command[2]) == 0:
         return None  # a script with no keys
     if position >= len(command):
         return None
     key = command[position]
-    return key_slot(key if isinstance(key, bytes) else str(key).encode())
+    return key_slot_of(key if isinstance(key, (bytes, str)) else str(key))
 
 
 @dataclass(slots=True, eq=False)
@@ -219,9 +231,13 @@ class ClusterClient:
         """Replies in the batch's order; error replies as `hiredis.ReplyError` values.
         Raises redis-py's `ConnectionError` / `TimeoutError` when a master cannot be reached
         or does not answer in time, or the cluster does not settle (redirections) by then."""
+        if len(commands) == 1 and self._owners is not None:
+            replies = await self._execute_one(commands, self._owners)
+            if replies is not None:
+                return replies
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout_s
-        replies: list[Any] = [None] * len(commands)
+        replies = [None] * len(commands)
         pending = list(range(len(commands)))
         asking: dict[int, Address] = {}
         backoff, redirects = 0.01, 0
@@ -240,6 +256,29 @@ class ClusterClient:
                 await asyncio.sleep(min(backoff, max(0.0, deadline - loop.time())))
                 backoff = min(backoff * 2, 0.2)
             pending = retry
+
+    async def _execute_one(self, commands: Sequence[Command], owners: list[_Node]) -> list[Any] | None:
+        """A single command on an open connection, `LeanClient`'s way (a cancel is one): its
+        reply, or None when it must take the general path (no connection yet, redirected)."""
+        slot = command_slot(commands[0])
+        node = owners[slot if slot is not None else 0]
+        connection = node.connection
+        if connection is None or connection.lost:
+            return None
+        future = connection.send(commands)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                replies = await future
+        except TimeoutError:
+            node.close()
+            raise redis.exceptions.TimeoutError(f"redis cluster did not answer within {self._timeout_s} s") from None
+        except redis.exceptions.ConnectionError as exc:
+            self._owners = None
+            raise redis.exceptions.ConnectionError(f"{node.address[0]}:{node.address[1]}: {exc}") from exc
+        reply = replies[0]
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith(_REDIRECTIONS):
+            return None
+        return replies
 
     async def call(self, *command: bytes | str | int | float) -> Any:
         """One command; an error reply is raised (see `store.lean.raised`)."""
@@ -272,7 +311,7 @@ class ClusterClient:
         default = owners[0]
         parts: dict[_Node, list[int]] = {}
         for index in pending:
-            target = asking.get(index)
+            target = asking.get(index) if asking else None
             if target is not None:
                 node = self._node(target)
             else:
@@ -286,35 +325,58 @@ class ClusterClient:
         connections: list[tuple[_Node, Connection]] = []
         try:
             for node in parts:
-                connections.append((node, await node.connect(self._options, self._timeout_s)))
+                connection = node.connection
+                if connection is None or connection.lost:
+                    connection = await node.connect(self._options, self._timeout_s)
+                connections.append((node, connection))
         except redis.exceptions.RedisError:
             self._owners = None
             raise
         sent: list[tuple[_Node, list[int], asyncio.Future[list[Any]]]] = []
         for node, connection in connections:
             indices = parts[node]
-            batch: list[Command] = []
-            for index in indices:
-                if index in asking:
-                    batch.append(("ASKING",))
-                batch.append(commands[index])
+            if asking:
+                batch: list[Command] = []
+                for index in indices:
+                    if index in asking:
+                        batch.append(("ASKING",))
+                    batch.append(commands[index])
+            else:
+                batch = [commands[index] for index in indices]
             sent.append((node, indices, connection.send(batch)))
-        remaining = deadline - asyncio.get_running_loop().time()
-        _done, not_done = await asyncio.wait([future for _n, _i, future in sent], timeout=max(remaining, 0.0))
+        await self._wait(sent, deadline)
         for node, indices, future in sent:
-            if future in not_done:
-                node.close()  # its replies would belong to nobody
-        if not_done:
-            raise redis.exceptions.TimeoutError(f"redis cluster did not answer within {self._timeout_s} s")
-        for node, indices, future in sent:
+            answers = future.result()
+            if asking:
+                position = iter(answers)
+                for index in indices:
+                    if index in asking:
+                        next(position)  # ASKING's OK
+                    replies[index] = next(position)
+            else:
+                for index, answer in zip(indices, answers):
+                    replies[index] = answer
+
+    async def _wait(self, sent: list[tuple[_Node, list[int], asyncio.Future[list[Any]]]], deadline: float) -> None:
+        """Until every part is answered. A part not answered by the deadline closes its
+        connection (its replies would belong to nobody); a lost connection forgets the map."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                if len(sent) == 1:
+                    await sent[0][2]
+                else:
+                    await asyncio.wait([future for _n, _i, future in sent])
+        except TimeoutError:
+            for node, _indices, future in sent:
+                if not future.done() or future.cancelled():
+                    node.close()
+            raise redis.exceptions.TimeoutError(f"redis cluster did not answer within {self._timeout_s} s") from None
+        except redis.exceptions.ConnectionError:
+            pass  # seen below
+        for node, _indices, future in sent:
             if future.exception() is not None:
                 self._owners = None
                 raise redis.exceptions.ConnectionError(f"{node.address[0]}:{node.address[1]}: {future.exception()}")
-            answers = iter(future.result())
-            for index in indices:
-                if index in asking:
-                    next(answers)  # ASKING's OK
-                replies[index] = next(answers)
 
     @staticmethod
     def _redirected(replies: list[Any], pending: list[int], asking: dict[int, Address]) -> tuple[list[int], bool, bool]:

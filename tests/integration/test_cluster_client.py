@@ -207,3 +207,29 @@ async def test_a_single_redis_is_refused_clearly(redis_url: str) -> None:
     with pytest.raises(redis.exceptions.ResponseError, match="cluster support disabled"):
         await client.execute([("PING",)])
     await client.close()
+
+
+async def test_a_silent_master_times_out_and_the_next_call_works(
+    redis_cluster: EmbeddedCluster, cluster_url: str
+) -> None:
+    client = cluster_client(cluster_url, timeout_s=0.2)
+    key = "{paused}:k"
+    paused = redis_cluster.owner(key_slot(b"paused"))
+    other = next(f"{{o{i}}}:k" for i in range(100) if redis_cluster.owner(key_slot(f"o{i}".encode())).port != paused.port)
+    try:
+        assert await client.execute([("SET", key, "1"), ("SET", other, "2")]) == [b"OK", b"OK"]
+        with paused.client() as admin:
+            admin.execute_command("CLIENT", "PAUSE", 1000, "ALL")
+        with pytest.raises(redis.exceptions.TimeoutError):
+            await client.execute([("GET", key)])
+        with pytest.raises(redis.exceptions.TimeoutError):
+            await client.execute([("GET", other), ("GET", key)])  # one silent master of two is enough
+        async with asyncio.timeout(t(5)):
+            while True:
+                try:
+                    assert await client.execute([("GET", key)]) == [b"1"]
+                    break
+                except redis.exceptions.RedisError:
+                    continue
+    finally:
+        await client.close()
