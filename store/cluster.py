@@ -205,6 +205,9 @@ class ClusterClient:
                 node.close()
                 errors.append(f"{address[0]}:{address[1]}: {exc}")
                 continue
+            if any(master[0] == "?" for _f, _l, master, _r in ranges):
+                errors.append(f"{address[0]}:{address[1]}: a master's endpoint is not known yet")
+                continue  # Redis 7 answers "?" for a hostname it has not learned by gossip
             owners: list[_Node | None] = [None] * SLOTS
             for first, last, master, replicas in ranges:
                 self._seeds.update(dict.fromkeys(replicas))
