@@ -284,7 +284,7 @@ class Cluster:
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:
-                queued = int(client.get(keys.QUEUED_COUNTER) or 0)
+                queued = int(client.zcard(keys.BACKLOG))
                 active = 0
                 for key in client.keys(keys.INSTANCE_PREFIX + "worker:*"):
                     active += int(client.hget(key, "active") or 0)

@@ -5,7 +5,7 @@ Reads Redis only (no gateway or worker is asked anything but `GET /metrics`):
   one is *stale* when its last beat is older than twice that interval, or (a worker) when
   its liveness key is gone: the reaper treats that worker as dead;
 - the jobs stream: length, entries pending in the workers' group (claimed, not acked), and
-  the backlog (accepted, not yet claimed: the `queued` counter, since Redis 6.2's XINFO
+  the backlog (accepted, not yet claimed: the size of `tr:backlog`, since Redis 6.2's XINFO
   has no `lag`), and the dead-letter stream's length;
 - cancel and error rates: each gateway's `/metrics` counters, differenced between refreshes.
 
@@ -127,7 +127,7 @@ async def read_jobs(r: aioredis.Redis) -> tuple[int, int, int, int]:
     """(stream length, pending in the workers' group, backlog, dead letters)."""
     async with r.pipeline(transaction=False) as pipe:
         pipe.xlen(keys.JOBS_STREAM)
-        pipe.get(keys.QUEUED_COUNTER)
+        pipe.zcard(keys.BACKLOG)
         pipe.xlen(keys.DEAD_STREAM)
         length, queued, dead = await pipe.execute()
     pending = 0
@@ -138,7 +138,7 @@ async def read_jobs(r: aioredis.Redis) -> tuple[int, int, int, int]:
     for group in groups:
         if group.get("name") == keys.WORKER_GROUP:
             pending = int(group.get("pending", 0))
-    return int(length), pending, max(int(_num(queued)), 0), int(dead)
+    return int(length), pending, int(queued), int(dead)
 
 
 def parse_counters(text: str) -> dict[str, dict[str, float]]:

@@ -43,6 +43,7 @@ from protocol.messages import (
 )
 from protocol.validation import decode_client
 from store import Unavailable
+from store.retry import REDIS_ERRORS
 from store.tasks import cancel_all, spawn
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("gateway.connection")
 
 CLOSE_POLICY = 1008
+RELAY_RESTART_S = 0.5
+"""Pause before a failed relay starts again (it re-reads the log from where it was)."""
 CLOSE_SLOW_CONSUMER = 4008
 
 
@@ -233,13 +236,18 @@ class Connection:
         self.relays[message_id] = (relay, task)
 
     async def _run_relay(self, relay: Relay) -> None:
+        """Run a relay; one that fails (Redis unavailable, or anything else) starts again from
+        the last seq it delivered, so a stream never stalls on an error."""
         try:
             await relay.run()
         except (ConnectionClosed, SlowConsumer):
             return
-        except Unavailable as exc:
-            log.warning("relay_unavailable", message_id=relay.message_id, error=str(exc))
-            await asyncio.sleep(0.5)
+        except Exception as exc:
+            if isinstance(exc, Unavailable):
+                log.warning("relay_unavailable", message_id=relay.message_id, error=str(exc))
+            else:
+                log.exception("relay_failed", message_id=relay.message_id)
+            await asyncio.sleep(RELAY_RESTART_S)
             if self.relays.get(relay.message_id, (None,))[0] is relay:
                 self.relay(relay.message_id, relay.tracker.last_seq)
             return
@@ -275,7 +283,7 @@ class Connection:
         if unfinished:
             try:
                 await self.gw.store.refresh_attach(unfinished, self.gw.store.lifetimes.detach_grace_ms)
-            except Unavailable as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("detach_lease_failed", error=str(exc))
 
 

@@ -22,7 +22,8 @@ from protocol.relay import SeqTracker, Verdict
 from store import Unavailable, keys
 from store.redis_store import Store
 from store.subscriber import Subscriber
-from store.tasks import cancel_all, spawn
+from store.retry import Backoff
+from store.tasks import Supervisor
 from gateway import metrics
 
 log = structlog.get_logger("gateway.live")
@@ -46,14 +47,15 @@ class LiveHub:
         self.confirm_timeout_s = confirm_timeout_s
         self._watchers: dict[str, set[Relay]] = {}
         self._subscriber: Subscriber | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = Supervisor()
         self.idle_resync_s = idle_resync_s
 
     def start(self) -> None:
-        self._tasks = [spawn(self._maintain(), "live-hub"), spawn(self._sweep_idle(), "live-idle")]
+        self._tasks.start(self._maintain, "live-hub")
+        self._tasks.start(self._sweep_idle, "live-idle")
 
     async def close(self) -> None:
-        await cancel_all(self._tasks)
+        await self._tasks.close()
         if self._subscriber is not None:
             self._subscriber.close()
 
@@ -79,9 +81,6 @@ class LiveHub:
             if self._subscriber is not None:
                 self._subscriber.unsubscribe(keys.live_channel(relay.message_id))
 
-    def watched(self) -> list[str]:
-        return list(self._watchers)
-
     async def _sweep_idle(self) -> None:
         """A relay that heard nothing for a while re-reads its log: a lost push (pub/sub is
         at-most-once) must not hang a stream. One sweep instead of a timer per wait."""
@@ -105,14 +104,13 @@ class LiveHub:
         """Keep one subscriber connected. After each (re)connect: subscribe every watched
         message, then have each relay re-read its log (frames published while the connection
         was down are in the log, not in the channel)."""
-        backoff = 0.05
+        backoff = Backoff()
         while True:
             try:
                 subscriber = await Subscriber.open(self._url, self._on_message)
             except Unavailable as exc:
-                log.warning("live_hub_retry", error=str(exc), backoff_s=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+                delay = await backoff.wait()
+                log.warning("live_hub_retry", error=str(exc), backoff_s=round(delay, 3))
                 continue
             self._subscriber = subscriber
             try:
@@ -121,7 +119,7 @@ class LiveHub:
                     *(subscriber.subscribe(*channels[i : i + 500]) for i in range(0, len(channels), 500))
                 )
                 if all(confirmed):
-                    backoff = 0.05
+                    backoff.reset()
                     for watchers in list(self._watchers.values()):
                         for relay in watchers:
                             relay.resync()
@@ -129,9 +127,8 @@ class LiveHub:
             finally:
                 subscriber.close()
                 self._subscriber = None
-            log.warning("live_hub_retry", error=str(error), backoff_s=backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
+            delay = await backoff.wait()
+            log.warning("live_hub_retry", error=str(error), backoff_s=round(delay, 3))
 
 
 class Outlet(Protocol):

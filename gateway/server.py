@@ -21,10 +21,12 @@ from gateway.connection import Connection
 from gateway.live import LiveHub
 from protocol.auth import verify_token
 from protocol.validation import Limits
-from store import Unavailable, keys
-from store.redis_store import CONNECTION_ERRORS, Store, connect
+from store import Unavailable
+from store.redis_store import Store, connect
+from store.registry import Registry
+from store.retry import REDIS_ERRORS
 from store.settings import Lifetimes
-from store.tasks import cancel_all, spawn
+from store.tasks import Supervisor, spawn
 
 log = structlog.get_logger("gateway")
 
@@ -63,9 +65,11 @@ class Gateway:
         self.store = Store(connect(config.redis_url, timeout_s=2.0), config.lifetimes, config.cancel_ends)
         self.hub = LiveHub(config.redis_url)
         self.connections: set[Connection] = set()
-        self.started = time.time()
         self.server: Server | None = None
         self._port: int | None = None
+        self.registry = Registry(
+            self.store, "gateway", self.id, self._describe, period_s=config.lifetimes.instance_ttl_s / 3
+        )
         self._demo_page = resources.files("gateway").joinpath("static/index.html").read_text()
 
     def verify(self, token: str) -> str:
@@ -99,11 +103,11 @@ class Gateway:
         ) as server:
             self.server = server
             self._port = int(server.sockets[0].getsockname()[1])
-            background = [
-                spawn(self._refresh_leases(), "leases", stop),
-                spawn(self._beat(), "beat", stop),
-                spawn(self._close_slow_clients(), "slow-clients", stop),
-            ]
+            background = Supervisor()
+            background.start(self._refresh_leases, "leases")
+            background.start(self.registry.run, "beat")
+            background.start(self._observe_pings, "pings")
+            background.start(self._close_slow_clients, "slow-clients")
             log.info("gateway_listening", host=c.host, port=self.port)
             if ready is not None:
                 ready.set()
@@ -111,12 +115,9 @@ class Gateway:
             log.info("gateway_draining", connections=len(self.connections))
             server.close(close_connections=True)
             await server.wait_closed()
-            await cancel_all(background)
+            await background.close()
         await self.hub.close()
-        try:
-            await self.store.redis.delete(keys.instance("gateway", self.id))
-        except CONNECTION_ERRORS as exc:
-            log.warning("deregister_failed", error=str(exc))
+        await self.registry.remove()
         await self.store.close()
         log.info("gateway_stopped")
 
@@ -183,25 +184,19 @@ class Gateway:
             watched = [mid for conn in self.connections for mid in conn.watching()]
             try:
                 await self.store.refresh_attach(watched, lease_ms)
-            except Unavailable as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("lease_refresh_failed", error=str(exc))
 
-    async def _beat(self) -> None:
+    def _describe(self) -> dict[str, str | int | float]:
+        return {
+            "port": self.port,
+            "active": len(self.connections),
+            "streams": sum(len(c.relays) for c in self.connections),
+        }
+
+    async def _observe_pings(self) -> None:
         while True:
             for conn in self.connections:
                 if conn.ws.latency:
                     metrics.PING_RTT.observe(conn.ws.latency)
-            try:
-                async with self.store.redis.pipeline(transaction=False) as pipe:
-                    key = keys.instance("gateway", self.id)
-                    pipe.hset(key, mapping={
-                        "kind": "gateway", "id": self.id, "host": socket.gethostname(), "pid": os.getpid(),
-                        "port": self.port, "started": self.started, "last_beat": time.time(),
-                        "active": len(self.connections),
-                        "streams": sum(len(c.relays) for c in self.connections),
-                    })
-                    pipe.expire(key, self.config.lifetimes.instance_ttl_s)
-                    await pipe.execute()
-            except CONNECTION_ERRORS as exc:
-                log.warning("beat_failed", error=str(exc))
             await asyncio.sleep(self.config.lifetimes.instance_ttl_s / 3)

@@ -14,9 +14,7 @@ WINDOW_S = 0.016
 """Default window: one frame of a 60 Hz display, so a reader sees no difference from
 token-by-token streaming. Each chunk costs a Redis write, a publish and a frame through every
 hop, and on a fast engine that work slows the model itself (the worker's event loop shares the
-GIL with the generation thread): on a 2-core machine the built-in model (~2,000 tokens/s)
-lost 15-19% of its speed through the system at 5 ms windows, 6-10% at 16 ms
-(`python -m bench relay_overhead`)."""
+GIL with the generation thread; docs/PERFORMANCE.md, `python -m bench relay_overhead`)."""
 
 
 @dataclass(slots=True)
@@ -26,10 +24,6 @@ class Coalescer:
     _parts: list[str] = field(default_factory=list)
     _chars: int = 0
     _last_sent: float = float("-inf")
-
-    @property
-    def pending(self) -> bool:
-        return bool(self._parts)
 
     def deadline(self) -> float | None:
         """When the held tokens are due, or None if nothing is held."""

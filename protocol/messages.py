@@ -13,7 +13,6 @@ import msgspec
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
 USER_PATTERN = r"^[A-Za-z0-9_.@\-]{1,64}$"
-SESSION_ID_RE = re.compile(SESSION_ID_PATTERN)
 USER_RE = re.compile(USER_PATTERN)
 
 SessionId = Annotated[str, msgspec.Meta(pattern=SESSION_ID_PATTERN)]
@@ -167,6 +166,17 @@ ServerMessage = (
     | HistoryCleared
 )
 Terminal = Done | Cancelled | Error
+TerminalState = Literal["done", "cancelled", "error"]
+
+
+def state_of(terminal: Terminal) -> TerminalState:
+    """The state a message is left in by its terminal event."""
+    match terminal:
+        case Done():
+            return "done"
+        case Cancelled():
+            return "cancelled"
+    return "error"
 
 encoder = msgspec.json.Encoder()
 server_decoder: msgspec.json.Decoder[ServerMessage] = msgspec.json.Decoder(ServerMessage)

@@ -1,8 +1,8 @@
 """Redis access shared by gateways and workers: key names, atomic scripts, the embedded server.
 
     StoreError
-    ├── Unavailable      Redis cannot be reached (answers `unavailable`)
-    └── Fenced           a write from a worker that no longer owns the job was refused
+    └── Unavailable      Redis cannot be reached or refuses commands for now (answers `unavailable`)
+        └── DeadlinePassed   it kept refusing an operation until its deadline (`store.retry`)
 """
 
 from __future__ import annotations
@@ -13,8 +13,4 @@ class StoreError(Exception):
 
 
 class Unavailable(StoreError):
-    pass
-
-
-class Fenced(StoreError):
     pass

@@ -1,7 +1,8 @@
 """Every Redis key, stream and channel name, defined once.
 
-Lua scripts receive prefixes from here (ARGV) rather than spelling names themselves. Key
-lifetimes are in `store.settings.Lifetimes`; docs/ARCHITECTURE.md lists them all.
+Lua scripts get their prefixes from here as constants written into their text
+(`store.scripts.configured`). Key lifetimes are in `store.settings.Lifetimes`;
+docs/ARCHITECTURE.md lists them all.
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ from __future__ import annotations
 NS = "tr:"
 
 JOBS_STREAM = NS + "jobs"
-"""Stream of `Job`s; consumer group `WORKER_GROUP`; trimmed with MAXLEN ~."""
+"""Stream of job entries (each names a message; the job itself is in its meta hash); consumer
+group `WORKER_GROUP`; trimmed with MAXLEN ~."""
 DEAD_STREAM = NS + "jobs:dead"
 """Jobs that killed every worker that took them; trimmed with MAXLEN ~."""
 WORKER_GROUP = "workers"
-QUEUED_COUNTER = NS + "queued"
-"""Jobs accepted but not yet claimed (admission control); one integer."""
+BACKLOG = NS + "backlog"
+"""Sorted set: ids of messages accepted and not yet claimed, scored by acceptance time
+(admission control: its size is the backlog)."""
 CANCEL_CHANNEL_PREFIX = NS + "cancels:"
 
 META_PREFIX = NS + "msg:"
@@ -32,7 +35,8 @@ ALIVE_PREFIX = NS + "alive:"
 
 
 def meta(message_id: str) -> str:
-    """Hash: owner user, session, state (queued|running|done|cancelled|error), worker, attempt."""
+    """Hash: owner user, session, state (queued|running|done|cancelled|error), worker, attempt,
+    last_seq, and the job itself (its prompt) until the message ends."""
     return META_PREFIX + message_id
 
 
@@ -78,7 +82,7 @@ def active(user: str, session_id: str) -> str:
 
 
 def history(user: str, session_id: str) -> str:
-    """List of user turns (`StoredTurn`), bounded with LTRIM."""
+    """List of user turns (`StoredTurn`), bounded by SUBMIT (the oldest turns leave first)."""
     return HISTORY_PREFIX + session_scope(user, session_id)
 
 

@@ -1,11 +1,11 @@
 """A lean pipelined Redis connection for the hot paths: the worker's chunk writes and the
 gateway's cancels.
 
-redis-py's asyncio client spends ~0.15 ms of CPU per command on this 2-core machine (pool
-checkout, command packing and parsing layers, a socket timeout per read): a PING takes
-187 µs through its pool and 43 µs on a raw hiredis connection. Here a batch of commands is
-packed by hiredis, written at once, and its replies, parsed by hiredis in `data_received`,
-resolve one future in the order the batches were sent (Redis answers in order).
+redis-py's asyncio client spends several times more CPU per command than the work itself
+(pool checkout, packing and parsing layers, a socket timeout per read; docs/PERFORMANCE.md).
+Here a batch of commands is packed by hiredis, written at once, and its replies, parsed by
+hiredis in `data_received`, resolve one future in the order the batches were sent (Redis
+answers in order).
 
 Error replies come back as values (`hiredis.ReplyError`), so one refused command does not hide
 the others of its batch. A dropped connection fails every batch in flight with redis-py's

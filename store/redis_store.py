@@ -2,33 +2,34 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, cast
 
+import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 from redis.driver_info import DriverInfo
 
-from protocol.jobs import Job, StoredAnswer, StoredTurn, answer_decoder, job_encoder, turn_decoder
+from protocol.jobs import Job, StoredAnswer, StoredTurn, answer_decoder, job_decoder, job_encoder, turn_decoder
 from protocol.messages import (
     CancelStatus,
     Cancelled,
     Chunk,
     HistoryTurn,
+    Terminal,
     TurnStatus,
     encode_text,
     server_decoder,
+    state_of,
 )
 from store import Unavailable, keys, scripts
 from store.lean import Command, LeanClient, raised
+from store.retry import is_unavailable
 from store.settings import Lifetimes
-
-CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 Redis = aioredis.Redis
 log = structlog.get_logger("store")
@@ -36,7 +37,7 @@ log = structlog.get_logger("store")
 
 _DRIVER_INFO = DriverInfo()
 """Resolved once: redis-py otherwise reads its package metadata (an email-parser pass over
-METADATA) for every new connection, which was a quarter of a gateway's CPU under load."""
+METADATA) for every new connection, a large share of a busy gateway's CPU."""
 
 
 def connect(url: str, *, timeout_s: float | None = 2.0, max_connections: int = 2_000) -> Redis:
@@ -61,27 +62,15 @@ def connect(url: str, *, timeout_s: float | None = 2.0, max_connections: int = 2
 
 @asynccontextmanager
 async def guarded() -> AsyncIterator[None]:
-    """Turn Redis connection failures into `Unavailable`."""
+    """Turn an unreachable Redis, or one refusing commands for now, into `Unavailable`."""
     try:
         yield
-    except CONNECTION_ERRORS as exc:
+    except redis.exceptions.RedisError as exc:
+        if is_unavailable(exc):
+            raise Unavailable(f"redis unavailable: {exc}") from exc
+        raise
+    except OSError as exc:
         raise Unavailable(f"redis unreachable: {exc}") from exc
-
-
-T = TypeVar("T")
-
-
-async def retry(op: Callable[[], Awaitable[T]], what: str) -> T:
-    """Run a Redis operation until Redis answers, with backoff (for writes that must land:
-    claims, acks, terminal events). Returns the operation's result."""
-    backoff = 0.05
-    while True:
-        try:
-            return await op()
-        except (*CONNECTION_ERRORS, Unavailable) as exc:
-            log.warning("redis_retry", op=what, error=str(exc), backoff_s=backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
 
 
 Ending = Literal["ended", "ended_cancelled", "cancelled_before", "not_ours"]
@@ -89,10 +78,11 @@ Ending = Literal["ended", "ended_cancelled", "cancelled_before", "not_ours"]
 cancel raced the end); found it already cancelled by the store; refused (fenced)."""
 _ENDINGS: dict[int, Ending] = {1: "ended", 2: "ended_cancelled", 3: "cancelled_before", 0: "not_ours"}
 
-Append = Literal["written", "cancelled", "not_ours"]
-APPEND_RESULTS: dict[int, Append] = {1: "written", 2: "cancelled", 0: "not_ours"}
+Append = Literal["written", "cancelled", "not_ours", "out_of_order"]
+APPEND_RESULTS: dict[int, Append] = {1: "written", 2: "cancelled", 0: "not_ours", 3: "out_of_order"}
 """The APPEND script's reply: written; refused because the message was cancelled (stop
-generating); refused because the job is no longer this worker's (fenced)."""
+generating); refused because the job is no longer this worker's (fenced); refused because an
+earlier chunk is missing (resend in order)."""
 
 _SEQ_ZERO = '"seq":0'
 
@@ -132,7 +122,7 @@ class Store:
             "active": keys.ACTIVE_PREFIX,
             "hist": keys.HISTORY_PREFIX,
             "answers": keys.ANSWERS_PREFIX,
-            "queued": keys.QUEUED_COUNTER,
+            "queued": keys.BACKLOG,
             "log_maxlen": lt.log_maxlen,
             "jobs_maxlen": lt.jobs_maxlen,
             "message_ttl": lt.message_ttl_s,
@@ -184,7 +174,7 @@ class Store:
                     request_key or keys.meta(job.message_id),
                     keys.JOBS_STREAM,
                     keys.attach_lease(job.message_id),
-                    keys.QUEUED_COUNTER,
+                    keys.BACKLOG,
                 ],
                 args=[
                     job.message_id,
@@ -195,6 +185,7 @@ class Store:
                     job_encoder.encode(job),
                     job.created_ms,
                     supersede,
+                    job.message_id,
                 ],
             )
         return SubmitResult(cast(Any, _s(outcome)), _s(mid))
@@ -245,6 +236,14 @@ class Store:
         async with guarded():
             entries = await self.lean.call("XRANGE", keys.log(message_id), f"{after_position + 1}-0", "+")
         return [fields[1] for _id, fields in entries]  # fields: [b"f", frame]
+
+    async def exists_many(self, names: Sequence[str]) -> list[bool]:
+        """Which of these keys exist, in one round trip."""
+        if not names:
+            return []
+        async with guarded():
+            replies = await self.lean.execute([("EXISTS", name) for name in names])
+        return [bool(raised(reply)) for reply in replies]
 
     async def refresh_attach(self, message_ids: Sequence[str], lease_ms: int) -> None:
         if not message_ids:
@@ -299,21 +298,23 @@ class Store:
 
     # --- worker side --------------------------------------------------------------------
 
-    async def claim(self, message_id: str, worker_id: str, now_ms: int) -> int | None:
-        """Move a queued message to running; its attempt number, or None if not to run."""
+    async def claim(self, message_id: str, worker_id: str, now_ms: int) -> tuple[int, Job] | None:
+        """Move a queued message to running: (attempt number, job), or None if not to run."""
         async with guarded():
-            outcome, attempt = await self._lean_script(
-                self._claim, [keys.meta(message_id), keys.QUEUED_COUNTER], [worker_id, now_ms]
+            outcome, attempt, job = await self._lean_script(
+                self._claim, [keys.meta(message_id), keys.BACKLOG], [worker_id, now_ms, message_id]
             )
-        return int(attempt) if _s(outcome) == "run" else None
+        return (int(attempt), job_decoder.decode(job)) if _s(outcome) == "run" else None
 
-    async def takeover(self, message_id: str, dead: str, worker_id: str) -> tuple[int, int] | None:
-        """(attempt, last_seq) once a dead worker's running message is ours; else None."""
+    async def takeover(self, message_id: str, dead: str, worker_id: str) -> tuple[int, int, Job] | None:
+        """(attempt, last_seq, job) once a dead worker's running message is ours; else None."""
         async with guarded():
-            outcome, attempt, last_seq = await self._takeover(
+            outcome, attempt, last_seq, job = await self._takeover(
                 keys=[keys.meta(message_id)], args=[dead, worker_id]
             )
-        return (int(attempt), int(last_seq)) if _s(outcome) == "run" else None
+        if _s(outcome) != "run":
+            return None
+        return int(attempt), int(last_seq), job_decoder.decode(job)
 
     async def load_append_script(self) -> None:
         """Load APPEND once, so pipelines send bare EVALSHA (redis-py's registered scripts
@@ -345,15 +346,16 @@ class Store:
         message_id: str,
         worker_id: str,
         attempt: int,
-        state: Literal["done", "cancelled", "error"],
-        seq: int,
-        frame: str,
+        terminal: Terminal,
         text: str,
     ) -> Ending:
-        """Write the terminal event (fenced). A `done` becomes `cancelled` (same seq) when a
-        cancel was accepted meanwhile; a message the store already ended `cancelled` only
-        gets its answer's text (`text`: the chunks the store accepted)."""
-        cancelled = encode_text(Cancelled(message_id=message_id, seq=seq))
+        """Write the terminal event (fenced), right after the last chunk the store accepted
+        (its `seq` is set from the store's). A `done` becomes `cancelled` when a cancel was
+        accepted meanwhile; a message the store already ended `cancelled` only gets its
+        answer's text (`text`: the chunks the store accepted)."""
+        state = state_of(terminal)
+        head, tail = split_at_seq(encode_text(msgspec.structs.replace(terminal, seq=0)))
+        cancelled_head, cancelled_tail = split_at_seq(encode_text(Cancelled(message_id=message_id, seq=0)))
         history_status = {"done": "complete", "cancelled": "cancelled", "error": "error"}[state]
         grace_status = "cancelled" if state == "cancelled" else "completed"
         async with guarded():
@@ -365,12 +367,13 @@ class Store:
                     worker_id,
                     attempt,
                     state,
-                    seq,
-                    frame,
+                    head,
+                    tail,
                     text,
                     history_status,
                     grace_status,
-                    cancelled,
+                    cancelled_head,
+                    cancelled_tail,
                 ],
             )
         return _ENDINGS[int(ok)]

@@ -4,8 +4,7 @@ A message's `state` in its meta hash moves queued → running → done | cancell
 only these scripts move it. Writes from a worker carry (worker, attempt) and are refused
 once the job belongs to someone else (fencing). Key prefixes and lifetimes are a Lua table
 `C` written into the script's text by `configured` (see `store.redis_store.Store`), so names
-stay defined in `store.keys` alone, and no call decodes them (`cjson.decode` of them was about
-7 µs of every SUBMIT, CANCEL and FINISH).
+stay defined in `store.keys` alone, and no call pays for decoding them.
 """
 
 from __future__ import annotations
@@ -46,20 +45,22 @@ local function save_answer(scope, mid, text, hist_status, only_if_absent)
 end
 
 -- `text` false: the answer's text is saved later (`save_answer`) by the worker that has it.
--- `reason`: the cancel's, kept in the meta hash (nil for an end that is no cancel).
-local function write_terminal(mid, state, seq, frame, text, hist_status, grace_status, reason)
+-- The terminal sits right after the last chunk the store accepted (`last_seq`): `head .. seq ..
+-- tail` is its frame. `reason`: the cancel's, kept in the meta hash (nil for other ends).
+local function write_terminal(mid, state, head, tail, text, hist_status, grace_status, reason)
   local meta = C.meta .. mid
   local log = C.log .. mid
+  local seq = redis.call('HGET', meta, 'last_seq') or '0'
+  local frame = head .. seq .. tail
   redis.call('XADD', log, 'MAXLEN', '~', C.log_maxlen, (tonumber(seq) + 1) .. '-0', 'f', frame)
   redis.call('EXPIRE', log, C.ended_ttl)
-  if reason then
-    redis.call('HSET', meta, 'state', state, 'last_seq', seq, 'cancel_reason', reason)
-  else
-    redis.call('HSET', meta, 'state', state, 'last_seq', seq)
-  end
+  redis.call('HSET', meta, 'state', state)
+  if reason then redis.call('HSET', meta, 'cancel_reason', reason) end
+  redis.call('HDEL', meta, 'job')
   redis.call('EXPIRE', meta, C.ended_ttl)
   redis.call('SET', C.grace .. mid, grace_status, 'EX', C.grace_s)
   redis.call('DEL', C.cancel .. mid)
+  redis.call('ZREM', C.queued, mid)
   local scope = scope_of(mid)
   local active = C.active .. scope
   if redis.call('GET', active) == mid then redis.call('DEL', active) end
@@ -70,7 +71,11 @@ end
 
 SUBMIT = PRELUDE + r"""
 -- KEYS: meta, active, hist, answers, request (untouched when ARGV[5], the request_id, is empty), jobs, attach, queued
--- ARGV: mid, user, session_id, user_turn_json, request_id, job_json, now_ms, supersede
+-- ARGV: mid, user, session_id, user_turn_json, request_id, job_json, now_ms, supersede, job stream entry
+-- The job (with its prompt) lives in the meta hash until the message ends; the stream entry
+-- only names the message. `queued` holds the ids accepted and not yet claimed, scored by
+-- acceptance time: its size is the backlog, and an id older than a message's lifetime (its
+-- message expired unclaimed) is pruned here, so the count cannot drift.
 local mid, user, sid = ARGV[1], ARGV[2], ARGV[3]
 if ARGV[5] ~= '' then
   local existing = redis.call('GET', KEYS[5])
@@ -78,9 +83,11 @@ if ARGV[5] ~= '' then
 end
 local prev = redis.call('GET', KEYS[2])
 if prev and prev ~= ARGV[8] then return {'busy', prev} end
-if tonumber(redis.call('GET', KEYS[8]) or '0') >= C.backlog_limit then return {'overloaded', ''} end
+local stale = tonumber(ARGV[7]) - C.message_ttl * 1000
+if redis.call('ZCOUNT', KEYS[8], '(' .. stale, '+inf') >= C.backlog_limit then return {'overloaded', ''} end
+-- The first write is one Redis refuses at maxmemory (OOM), so a refused SUBMIT changed nothing.
 redis.call('HSET', KEYS[1], 'user', user, 'session_id', sid, 'state', 'queued',
-  'attempt', 0, 'last_seq', 0, 'created_ms', ARGV[7], 'request_id', ARGV[5])
+  'attempt', 0, 'last_seq', 0, 'created_ms', ARGV[7], 'request_id', ARGV[5], 'job', ARGV[6])
 redis.call('EXPIRE', KEYS[1], C.message_ttl)
 redis.call('SET', KEYS[2], mid, 'EX', C.message_ttl)
 redis.call('RPUSH', KEYS[3], ARGV[4])
@@ -91,8 +98,10 @@ while redis.call('LLEN', KEYS[3]) > C.hist_max do
 end
 if ARGV[5] ~= '' then redis.call('SET', KEYS[5], mid, 'EX', C.grace_s) end
 redis.call('SET', KEYS[7], '1', 'PX', C.detach_ms)
-redis.call('XADD', KEYS[6], 'MAXLEN', '~', C.jobs_maxlen, '*', 'j', ARGV[6])
-redis.call('INCR', KEYS[8])
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', C.jobs_maxlen, '*', 'm', ARGV[9])
+redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', stale)
+redis.call('ZADD', KEYS[8], ARGV[7], mid)
+redis.call('PEXPIRE', KEYS[8], C.message_ttl * 1000)
 return {'ok', mid}
 """
 
@@ -104,20 +113,19 @@ CANCEL = PRELUDE + r"""
 -- the worker, whose later writes are refused (state is no longer running). With
 -- C.cancel_ends 0 (the polling baseline of the benchmarks) only the key is set.
 local mid = ARGV[1]
-local m = redis.call('HMGET', KEYS[1], 'user', 'state', 'last_seq', 'worker')
+local m = redis.call('HMGET', KEYS[1], 'user', 'state', 'worker')
 if m[1] ~= ARGV[2] then return {'not_found', ''} end
 local grace = redis.call('GET', C.grace .. mid)
 if grace then return {'already_' .. grace, ''} end
 if m[2] == 'queued' then
-  write_terminal(mid, 'cancelled', 0, ARGV[4] .. '0' .. ARGV[5], '', 'cancelled', 'cancelled', ARGV[3])
-  redis.call('DECR', C.queued)
+  write_terminal(mid, 'cancelled', ARGV[4], ARGV[5], '', 'cancelled', 'cancelled', ARGV[3])
   return {'cancelling', ''}
 elseif m[2] == 'running' then
   if C.cancel_ends == 1 then
-    write_terminal(mid, 'cancelled', m[3], ARGV[4] .. m[3] .. ARGV[5], false, 'cancelled', 'cancelled', ARGV[3])
+    write_terminal(mid, 'cancelled', ARGV[4], ARGV[5], false, 'cancelled', 'cancelled', ARGV[3])
   end
   if redis.call('SET', C.cancel .. mid, ARGV[3], 'NX', 'EX', C.message_ttl) then
-    return {'cancelling', m[4]}
+    return {'cancelling', m[3]}
   end
   return {'cancelling', ''}
 end
@@ -125,28 +133,31 @@ return {'not_found', ''}
 """
 
 CLAIM = r"""
--- KEYS: meta, queued; ARGV: worker, now_ms
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {'gone', 0} end
-if state ~= 'queued' then return {'skip', 0} end
+-- KEYS: meta, queued; ARGV: worker, now_ms, mid
+-- The id leaves the backlog whatever its state: a message that expired or ended while queued
+-- is no longer waiting either.
+redis.call('ZREM', KEYS[2], ARGV[3])
+local m = redis.call('HMGET', KEYS[1], 'state', 'job')
+if not m[1] then return {'gone', 0, ''} end
+if m[1] ~= 'queued' or not m[2] then return {'skip', 0, ''} end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[1], 'claimed_ms', ARGV[2])
-redis.call('DECR', KEYS[2])
-return {'run', attempt}
+return {'run', attempt, m[2]}
 """
 
 TAKEOVER = r"""
 -- A dead worker's running job moves to this worker. KEYS: meta; ARGV: dead worker, new worker
-local m = redis.call('HMGET', KEYS[1], 'state', 'worker', 'last_seq')
-if m[1] ~= 'running' or m[2] ~= ARGV[1] then return {'skip', 0, 0} end
+local m = redis.call('HMGET', KEYS[1], 'state', 'worker', 'last_seq', 'job')
+if m[1] ~= 'running' or m[2] ~= ARGV[1] or not m[4] then return {'skip', 0, 0, ''} end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'worker', ARGV[2])
-return {'run', attempt, tonumber(m[3])}
+return {'run', attempt, tonumber(m[3]), m[4]}
 """
 
 APPEND = r"""
 -- KEYS: meta, log; ARGV: worker, attempt, seq, frame, live channel, log maxlen, message ttl
--- Returns 1 (written), 2 (refused: the message was cancelled, stop), 0 (refused: not ours).
+-- Returns 1 (written), 2 (refused: the message was cancelled, stop), 0 (refused: not ours),
+-- 3 (refused: not the next seq; an earlier chunk is missing, resend in order).
 -- A seq already written is answered 1 and not written again: a worker resends its batch when
 -- the connection dropped before the replies came back.
 local m = redis.call('HMGET', KEYS[1], 'worker', 'attempt', 'state', 'last_seq')
@@ -155,7 +166,10 @@ if m[3] ~= 'running' then
   if m[3] == 'cancelled' then return 2 end
   return 0
 end
-if tonumber(ARGV[3]) <= tonumber(m[4] or '0') then return 1 end
+local last = tonumber(m[4] or '0')
+local seq = tonumber(ARGV[3])
+if seq <= last then return 1 end
+if seq ~= last + 1 then return 3 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], ARGV[3] .. '-0', 'f', ARGV[4])
 if ARGV[3] == '1' then redis.call('EXPIRE', KEYS[2], ARGV[7]) end
 redis.call('HSET', KEYS[1], 'last_seq', ARGV[3])
@@ -165,8 +179,8 @@ return 1
 
 FINISH = PRELUDE + r"""
 -- KEYS: meta
--- ARGV: mid, worker, attempt, state, seq, frame, text, history status, grace status,
---       cancelled frame (same seq)
+-- ARGV: mid, worker, attempt, state, frame head, frame tail, text, history status,
+--       grace status, cancelled frame head, cancelled frame tail (frames split at their seq)
 -- Returns 1 (ended as asked), 2 (ended cancelled instead), 3 (the store had already ended
 -- it cancelled: only the answer's text is saved), 0 (not ours).
 -- A cancel answered `cancelling` promises a `cancelled` terminal: if its key is set when a
@@ -180,7 +194,7 @@ if m[3] == 'cancelled' then
 end
 if m[3] ~= 'running' then return 0 end
 if ARGV[4] == 'done' and redis.call('EXISTS', C.cancel .. ARGV[1]) == 1 then
-  write_terminal(ARGV[1], 'cancelled', ARGV[5], ARGV[10], ARGV[7], 'cancelled', 'cancelled')
+  write_terminal(ARGV[1], 'cancelled', ARGV[10], ARGV[11], ARGV[7], 'cancelled', 'cancelled')
   return 2
 end
 write_terminal(ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])

@@ -1,10 +1,9 @@
 """A lean pub/sub connection for the gateway's hot path: hiredis parses, messages go
 straight to a callback from `data_received`.
 
-redis-py's `PubSub` costs about 22 µs of CPU per message on this 2-core machine (a read
-task, response parsing layers, a dict per message), and every chunk and every `cancelled` a
-gateway relays pays it. Here a message costs one hiredis `gets()` and one call: about 1.3 µs
-(`python -m bench pubsub_cost` measures both). Commands (SUBSCRIBE, UNSUBSCRIBE, AUTH) are written without waiting;
+redis-py's `PubSub` costs a read task, response parsing layers and a dict per message, and
+every chunk and every `cancelled` a gateway relays pays it. Here a message costs one hiredis
+`gets()` and one call (`python -m bench pubsub_cost` measures both; docs/PERFORMANCE.md). Commands (SUBSCRIBE, UNSUBSCRIBE, AUTH) are written without waiting;
 `subscribe` returns a future that the server's confirmation resolves, so a caller can know
 that it is subscribed before it reads what it must not miss.
 

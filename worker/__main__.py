@@ -36,6 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--grace", type=int, default=30, help="completed-message grace window, seconds")
     parser.add_argument("--drain-timeout", type=float, default=20.0, help="seconds running jobs get on SIGTERM")
+    parser.add_argument(
+        "--redis-deadline",
+        type=float,
+        default=30.0,
+        help="seconds a job's writes may be refused by Redis before it ends with error 'unavailable'",
+    )
     parser.add_argument("--orphan-check", type=float, default=1.0, help="seconds between orphan checks")
     parser.add_argument(
         "--cancel-mode",
@@ -81,6 +87,7 @@ async def serve(args: argparse.Namespace) -> None:
         redis_url=args.redis_url,
         concurrency=len(engines),
         drain_timeout_s=args.drain_timeout,
+        redis_deadline_s=args.redis_deadline,
         orphan_check_s=args.orphan_check,
         coalesce_window_s=args.coalesce_ms / 1000,
         poll_every_chunks=10 if args.cancel_mode == "poll" else 0,

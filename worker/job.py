@@ -1,4 +1,10 @@
-"""One generation: engine tokens → coalesced chunks → fenced log writes → one terminal event."""
+"""One generation: engine tokens → coalesced chunks → fenced log writes → one terminal event.
+
+The steps are `build_request` (the prompt and the session's history), `generate` (engine
+pieces through the coalescer into `ChunkStream`), then `end` (the terminal, written however
+long Redis refuses it). What the store accepted and how the message ends are decided by the
+pure `worker.progress`.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +17,14 @@ import structlog
 from protocol import coalesce
 from protocol.coalesce import Coalescer
 from protocol.jobs import Job
-from protocol.messages import Cancelled, Chunk, Done, Error, Terminal, encode_text
+from protocol.messages import Chunk, Error, FinishReason, Terminal, encode_text, state_of
 from store import keys
-from store.redis_store import Append, Ending, Store, retry
+from store.redis_store import Append, Ending, Store
+from store.retry import DeadlinePassed, retry
 from worker import metrics
 from worker.cancel_token import CancelToken
 from worker.engines.base import Engine, Finish, GenerationRequest, Turn
+from worker.progress import UNAVAILABLE, Progress, Stop, terminal_event
 from worker.writer import ChunkWriter
 
 log = structlog.get_logger("worker.job")
@@ -29,10 +37,17 @@ class Running:
     job: Job
     attempt: int
     token: CancelToken = field(default_factory=CancelToken)
-    lost: bool = False
-    """Set when a fenced write was refused: another worker owns the job now."""
     cancel_source: str | None = None
     """How a user's cancel reached this worker (`push`, `catch_up`), for the job's log line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """A job claimed or taken over by this worker, to run as it is."""
+
+    attempt: int
+    job: Job
+    start_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,167 +61,173 @@ class JobServices:
     poll_every_chunks: int = 0
     """Baseline for benchmarks only: check the cancel key every N chunks (the usual fix),
     instead of the pushed cancel. 0 (the default): pushed cancels, no Redis call per token."""
+    redis_deadline_s: float = 30.0
+    """How long a terminal write may be refused before it becomes `error` / `unavailable`."""
 
 
 Outcome = Literal["done", "cancelled", "error", "lost"]
-SHUTDOWN = "shutdown"
-"""Cancel reason used when a draining worker runs out of time: not the user's Stop."""
-_STATE_OF: dict[type, Literal["done", "cancelled", "error"]] = {
-    Done: "done",
-    Cancelled: "cancelled",
-    Error: "error",
-}
 
 
 async def run_job(services: JobServices, running: Running, start_seq: int = 0) -> Outcome:
-    job, token = running.job, running.token
+    job = running.job
     structlog.contextvars.bind_contextvars(message_id=job.message_id, session_id=job.session_id)
-    loop = asyncio.get_running_loop()
-    history: list[Turn] = []
-    if services.with_history:
-        history = [
-            Turn(role, text)  # type: ignore[arg-type]
-            for role, text, _mid in await services.store.session_turns(
-                job.user, job.session_id, before=job.message_id
-            )
-        ]
-    request = GenerationRequest(job.message_id, job.text, job.max_tokens, history)
-    coalescer = Coalescer(window_s=0.0 if services.engine.coalesces else services.coalesce_window_s)
-    seq = start_seq
-    chunks: list[str] = []
-    """Text of each chunk, seq `start_seq + 1` onwards."""
-    stored_seq = start_seq
-    """The highest seq the store accepted: after a cancel ended the message in the store,
-    later chunks are refused, and the saved answer is the text the client saw."""
-    writing = 0
-    """Chunk writes not answered yet."""
-    drained: asyncio.Future[None] | None = None
-    timer: asyncio.TimerHandle | None = None
-    after_cancel = 0
-    polls: list[asyncio.Future[None]] = []
-
-    def on_written(chunk_seq: int, outcome: Append | BaseException) -> None:
-        nonlocal stored_seq, writing
-        writing -= 1
-        match outcome if isinstance(outcome, str) else "not_ours":
-            case "written":
-                stored_seq = max(stored_seq, chunk_seq)
-            case "cancelled":
-                token.cancel("cancel")
-            case "not_ours":
-                running.lost = True
-                token.cancel("fenced")
-        if writing == 0 and drained is not None and not drained.done():
-            drained.set_result(None)
-
-    async def poll_cancel_key() -> None:
-        if await services.store.redis.exists(keys.cancel_key(job.message_id)):
-            token.cancel("cancel")
-
-    def emit(chunk: str | None) -> None:
-        nonlocal seq, writing
-        if chunk is None:
-            return
-        seq += 1
-        if services.poll_every_chunks and seq % services.poll_every_chunks == 0:
-            polls.append(asyncio.ensure_future(poll_cancel_key()))
-        chunks.append(chunk)
-        frame = encode_text(Chunk(message_id=job.message_id, seq=seq, text=chunk))
-        writing += 1
-        services.writer.append(job.message_id, running.attempt, seq, frame, on_written)
-
-    def on_deadline() -> None:
-        nonlocal timer
-        timer = None
-        emit(coalescer.due(loop.time()))
-        arm()
-
-    def arm() -> None:
-        nonlocal timer
-        deadline = coalescer.deadline()
-        if deadline is not None and timer is None:
-            timer = loop.call_at(deadline, on_deadline)
-
-    finish: Finish | None = None
-    failure: str | None = None
-    try:
-        async for item in services.engine.generate(request, token):
-            if isinstance(item, Finish):
-                finish = item
-                break
-            if token.cancelled:
-                after_cancel += 1
-            emit(coalescer.add(item, loop.time()))
-            arm()
-            if services.writer.full:
-                await services.writer.room()
-    except Exception as exc:  # an engine failure ends this message, not the worker
-        log.exception("engine_failed")
-        failure = f"generation failed: {type(exc).__name__}"
-    finally:
-        if timer is not None:
-            timer.cancel()
-    emit(coalescer.take(loop.time()))
-    await asyncio.gather(*polls, return_exceptions=True)
-    if writing:
-        drained = loop.create_future()
-        await drained
-    if token.cancelled:
+    progress = Progress(start_seq)
+    request = await build_request(services, job)
+    stream = ChunkStream(services, running, progress)
+    finish, failure, after_cancel = await generate(services.engine, request, running.token, stream)
+    await stream.drained()
+    if running.token.cancelled:
         metrics.TOKENS_AFTER_CANCEL.observe(after_cancel)
-    if running.lost:
+    if progress.lost:
         log.warning("job_lost", attempt=running.attempt)
         return "lost"
-    terminal: Terminal
-    if failure is not None:
-        terminal = Error(code="internal", message=failure, message_id=job.message_id, seq=seq)
-    elif token.reason == SHUTDOWN:
-        terminal = Error(
-            code="worker_lost",
-            message="the worker shut down before the answer was complete",
-            message_id=job.message_id,
-            seq=seq,
-        )
-    elif token.cancelled:
-        terminal = Cancelled(message_id=job.message_id, seq=seq)
-    elif finish is not None:
-        terminal = Done(message_id=job.message_id, seq=seq, finish_reason=finish.reason)
-    else:
-        terminal = Error(
-            code="internal", message="engine ended without finishing", message_id=job.message_id, seq=seq
-        )
-    state = _STATE_OF[type(terminal)]
-    ending = await finish_with_retry(
-        services.store, services.worker_id, job.message_id, running.attempt,
-        state, seq, encode_text(terminal), "".join(chunks[: stored_seq - start_seq]),
+    terminal = terminal_event(job.message_id, failure=failure, cancel_reason=running.token.reason, finish=finish)
+    ending = await end(
+        services.store, services.worker_id, running.attempt, terminal, progress.answer, services.redis_deadline_s
     )
+    state: Outcome
     match ending:
         case "not_ours":
-            running.lost = True
+            log.warning("job_lost", attempt=running.attempt)
             return "lost"
         case "ended_cancelled" | "cancelled_before":
             state = "cancelled"
+        case "ended":
+            state = state_of(terminal)
     log.info(
         "job_finished",
         outcome=state,
-        seq=seq,
+        seq=progress.stored_seq,
         attempt=running.attempt,
-        cancel_reason=token.reason or None,
+        cancel_reason=running.token.reason or None,
         cancel_source=running.cancel_source,
-        cancel_phase=token.phase_at_cancel.value if token.phase_at_cancel else None,
-        tokens_after_cancel=after_cancel if token.cancelled else None,
+        cancel_phase=running.token.phase_at_cancel.value if running.token.phase_at_cancel else None,
+        tokens_after_cancel=after_cancel if running.token.cancelled else None,
     )
     return state
 
 
-async def finish_with_retry(
-    store: Store,
-    worker_id: str,
-    message_id: str,
-    attempt: int,
-    state: Literal["done", "cancelled", "error"],
-    seq: int,
-    frame: str,
-    text: str,
+async def build_request(services: JobServices, job: Job) -> GenerationRequest:
+    history: list[Turn] = []
+    if services.with_history:
+        turns = await retry(
+            lambda: services.store.session_turns(job.user, job.session_id, before=job.message_id),
+            "history",
+            deadline_s=services.redis_deadline_s,
+        )
+        history = [Turn(role, text) for role, text, _mid in turns]  # type: ignore[arg-type]
+    return GenerationRequest(job.message_id, job.text, job.max_tokens, history)
+
+
+async def generate(
+    engine: Engine, request: GenerationRequest, token: CancelToken, stream: ChunkStream
+) -> tuple[FinishReason | None, str | None, int]:
+    """Run the engine into `stream`: (finish reason, failure, tokens after the cancel)."""
+    finish: FinishReason | None = None
+    failure: str | None = None
+    after_cancel = 0
+    try:
+        async for item in engine.generate(request, token):
+            if isinstance(item, Finish):
+                finish = item.reason
+                break
+            if token.cancelled:
+                after_cancel += 1
+            stream.add(item)
+            await stream.room()
+    except Exception as exc:  # an engine failure ends this message, not the worker
+        log.exception("engine_failed")
+        failure = f"generation failed: {type(exc).__name__}"
+    finally:
+        stream.flush()
+    return finish, failure, after_cancel
+
+
+async def end(
+    store: Store, worker_id: str, attempt: int, terminal: Terminal, text: str, deadline_s: float
 ) -> Ending:
-    """The terminal event must land: retried while Redis is unreachable."""
-    return await retry(lambda: store.finish(message_id, worker_id, attempt, state, seq, frame, text), "finish")
+    """Write the terminal event (fenced by worker and attempt). Refused past `deadline_s`,
+    the message ends `error` / `unavailable` instead, written whenever Redis lets it."""
+    message_id = terminal.message_id
+    assert message_id is not None
+    try:
+        return await retry(
+            lambda: store.finish(message_id, worker_id, attempt, terminal, text), "finish", deadline_s=deadline_s
+        )
+    except DeadlinePassed as exc:
+        log.error("finish_refused", error=str(exc))
+    unavailable = Error(code="unavailable", message="the message store refused writes for too long",
+                        message_id=message_id, seq=0)
+    return await retry(lambda: store.finish(message_id, worker_id, attempt, unavailable, text), "finish")
+
+
+class ChunkStream:
+    """Pieces → coalesced chunks → the chunk writer, with what came of each write."""
+
+    def __init__(self, services: JobServices, running: Running, progress: Progress) -> None:
+        self._services = services
+        self._running = running
+        self._progress = progress
+        self._loop = asyncio.get_running_loop()
+        window = 0.0 if services.engine.coalesces else services.coalesce_window_s
+        self._coalescer = Coalescer(window_s=window)
+        self._timer: asyncio.TimerHandle | None = None
+        self._drained: asyncio.Future[None] | None = None
+        self._polls: list[asyncio.Future[None]] = []
+
+    def add(self, piece: str) -> None:
+        self._emit(self._coalescer.add(piece, self._loop.time()))
+        self._arm()
+
+    async def room(self) -> None:
+        if self._services.writer.full:
+            await self._services.writer.room()
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._emit(self._coalescer.take(self._loop.time()))
+
+    async def drained(self) -> None:
+        """Every chunk write answered (and every cancel-key poll of the baseline done)."""
+        await asyncio.gather(*self._polls, return_exceptions=True)
+        if self._progress.writing:
+            self._drained = self._loop.create_future()
+            await self._drained
+
+    def _emit(self, chunk: str | None) -> None:
+        if chunk is None:
+            return
+        seq = self._progress.next_chunk(chunk)
+        if seq is None:
+            return
+        job = self._running.job
+        every = self._services.poll_every_chunks
+        if every and seq % every == 0:
+            self._polls.append(asyncio.ensure_future(self._poll_cancel_key()))
+        frame = encode_text(Chunk(message_id=job.message_id, seq=seq, text=chunk))
+        self._services.writer.append(job.message_id, self._running.attempt, seq, frame, self._written)
+
+    def _written(self, seq: int, outcome: Append | BaseException) -> None:
+        stop = self._progress.written(seq, outcome)
+        if stop is not Stop.GO_ON:
+            if stop.value == UNAVAILABLE:
+                log.error("chunk_write_failed", seq=seq, error=str(outcome))
+            self._running.token.cancel(stop.value)
+        if not self._progress.writing and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        self._emit(self._coalescer.due(self._loop.time()))
+        self._arm()
+
+    def _arm(self) -> None:
+        deadline = self._coalescer.deadline()
+        if deadline is not None and self._timer is None:
+            self._timer = self._loop.call_at(deadline, self._on_deadline)
+
+    async def _poll_cancel_key(self) -> None:
+        if await self._services.store.redis.exists(keys.cancel_key(self._running.job.message_id)):
+            self._running.token.cancel("cancel")

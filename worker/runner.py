@@ -1,13 +1,16 @@
 """A worker process: consumes the jobs stream, runs jobs, listens for pushed cancels.
 
-Background tasks, all owned by `Worker.run` and cancelled on shutdown:
+Background tasks, all supervised (a failure is logged and the task restarts) and stopped on
+shutdown:
 - consume: XREADGROUP as many jobs as there are free engine slots;
 - cancels: SUBSCRIBE to the cancel channel (a lean hiredis subscriber); on (re)subscribe,
   re-check cancel keys of the running jobs (pub/sub is at-most-once, the keys are the durable
   truth);
-- beat: liveness key and instance record (monitoring, reaping);
+- beat: liveness key and instance record (`store.registry`);
 - orphans: cancel running jobs whose attach lease expired (no client for the detach grace);
-- reaper: take over pending jobs of workers whose liveness key expired (see `worker.reaper`).
+- reaper: take over pending jobs of dead workers, and end jobs this worker holds but no
+  longer runs (see `worker.reaper`);
+- chunk-writer: the batched chunk writes (`worker.writer`).
 """
 
 from __future__ import annotations
@@ -22,15 +25,19 @@ import redis.exceptions
 import structlog
 
 from protocol import coalesce
-from protocol.jobs import Job, job_decoder
+from protocol.messages import Error, Terminal
 from store import Unavailable, keys
-from store.redis_store import CONNECTION_ERRORS, Redis, Store, connect, retry
+from store.redis_store import Redis, Store, connect
+from store.registry import Registry
+from store.retry import REDIS_ERRORS, Backoff, retry
 from store.settings import Lifetimes
 from store.subscriber import Subscriber
-from store.tasks import cancel_all, spawn
+from store.tasks import Supervisor
 from worker import metrics
+from worker.consume import Consumer
 from worker.engines.base import Engine
-from worker.job import SHUTDOWN, JobServices, Running, run_job
+from worker.job import JobServices, Running, Taken, end, run_job
+from worker.progress import SHUTDOWN
 from worker.reaper import Reaper
 from worker.writer import ChunkWriter
 
@@ -48,6 +55,8 @@ class WorkerConfig:
     drain_timeout_s: float = 20.0
     subscribe_timeout_s: float = 5.0
     coalesce_window_s: float = coalesce.WINDOW_S
+    redis_deadline_s: float = 30.0
+    """How long a job's writes may be refused before it ends `error` / `unavailable`."""
     poll_every_chunks: int = 0
     """0: cancels are pushed (pub/sub). N > 0: benchmark baseline, poll the cancel key every N chunks."""
     lifetimes: Lifetimes = field(default_factory=Lifetimes)
@@ -61,16 +70,28 @@ class Worker:
         self._blocking: Redis = connect(config.redis_url, timeout_s=config.block_ms / 1000 + 5)
         self._engines: asyncio.Queue[Engine] = asyncio.Queue()
         self._all_engines = engines
-        self.writer = ChunkWriter(self.store, self.id)
+        self.writer = ChunkWriter(self.store, self.id, deadline_s=config.redis_deadline_s)
         self.running: dict[str, Running] = {}
+        self.handling: set[bytes] = set()
+        """Job stream entries this worker has a task for (claiming, running or ending)."""
         self._job_tasks: set[asyncio.Task[None]] = set()
-        self._slot_freed = asyncio.Event()
-        self.started = time.time()
+        self.consumer = Consumer(
+            self._blocking, [keys.JOBS_STREAM], keys.WORKER_GROUP, self.id,
+            free_slots=self._free_slots, on_entries=self._on_entries, ensure_group=self.ensure_group,
+            block_ms=config.block_ms,
+        )
         self.with_history = any(e.name == "llama" for e in engines)
+        self.registry = Registry(
+            self.store, "worker", self.id, self._describe,
+            period_s=config.lifetimes.alive_ttl_ms / 3000, alive_ttl_ms=config.lifetimes.alive_ttl_ms,
+        )
 
-    async def ensure_group(self) -> None:
+    def _describe(self) -> dict[str, str | int | float]:
+        return {"active": len(self.running), "capacity": len(self._all_engines)}
+
+    async def ensure_group(self, stream: str = keys.JOBS_STREAM) -> None:
         try:
-            await self.store.redis.xgroup_create(keys.JOBS_STREAM, keys.WORKER_GROUP, id="0", mkstream=True)
+            await self.store.redis.xgroup_create(stream, keys.WORKER_GROUP, id="0", mkstream=True)
         except redis.exceptions.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -83,25 +104,22 @@ class Worker:
         await retry(self.ensure_group, "xgroup_create")
         await retry(self.store.load_append_script, "script_load")
         self.writer.start()
-        reaper = Reaper(self)
-        background = [
-            spawn(self._beat(), "beat", stop),
-            *([] if self.config.poll_every_chunks else [spawn(self._listen_cancels(), "cancels", stop)]),
-            spawn(self._watch_orphans(), "orphans", stop),
-            spawn(reaper.run(), "reaper", stop),
-        ]
-        consume = spawn(self._consume(), "consume", stop)
+        background = Supervisor()
+        background.start(self.registry.run, "beat")
+        if not self.config.poll_every_chunks:
+            background.start(self._listen_cancels, "cancels")
+        background.start(self._watch_orphans, "orphans")
+        background.start(Reaper(self).run, "reaper")
+        consume = Supervisor()
+        consume.start(self.consumer.run, "consume")
         log.info("worker_started", concurrency=self.config.concurrency, engine=self._all_engines[0].name)
         await stop.wait()
         log.info("worker_draining", running=len(self.running))
-        await cancel_all([consume])
+        await consume.close()
         await self._drain()
-        await cancel_all(background)
+        await background.close()
         await self.writer.close()
-        try:
-            await self.store.redis.delete(keys.alive(self.id), keys.instance("worker", self.id))
-        except CONNECTION_ERRORS as exc:
-            log.warning("deregister_failed", error=str(exc), note="the keys expire by their TTL")
+        await self.registry.remove()
         for engine in self._all_engines:
             await engine.close()
         await self.store.close()
@@ -121,58 +139,53 @@ class Worker:
 
     # --- consuming ----------------------------------------------------------------------
 
-    async def _consume(self) -> None:
-        backoff = 0.05
-        while True:
-            free = self._engines.qsize() - self._claimed_waiting()
-            if free <= 0:
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
-                continue
-            try:
-                reply = await self._blocking.xreadgroup(
-                    keys.WORKER_GROUP, self.id, {keys.JOBS_STREAM: ">"}, count=free, block=self.config.block_ms
-                )
-                backoff = 0.05
-            except redis.exceptions.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                await retry(self.ensure_group, "xgroup_create")
-                continue
-            except CONNECTION_ERRORS as exc:
-                log.warning("consume_retry", error=str(exc), backoff_s=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
-                continue
-            streams: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] = reply or []  # type: ignore[assignment]
-            for _stream, entries in streams:
-                for entry_id, fields in entries:
-                    self.start_job(entry_id, job_decoder.decode(fields[b"j"]))
+    def _free_slots(self) -> int:
+        return self._engines.qsize() - self._claimed_waiting()
+
+    def _on_entries(self, _stream: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        for entry_id, fields in entries:
+            self.start_job(entry_id, fields[b"m"].decode())
 
     def _claimed_waiting(self) -> int:
         return len(self._job_tasks) - len(self.running)
 
-    def start_job(self, entry_id: bytes, job: Job, attempt: int | None = None, start_seq: int = 0) -> None:
-        task = asyncio.create_task(self._handle(entry_id, job, attempt, start_seq), name=f"job-{job.message_id}")
+    def start_job(self, entry_id: bytes, message_id: str, taken: Taken | None = None) -> None:
+        """Run the job of a stream entry: claim it first unless it was already `taken`."""
+        self.handling.add(entry_id)
+        task = asyncio.create_task(self._handle(entry_id, message_id, taken), name=f"job-{message_id}")
         self._job_tasks.add(task)
         task.add_done_callback(self._job_done)
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
         self._job_tasks.discard(task)
-        self._slot_freed.set()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("job_task_failed", error=repr(task.exception()))
+        self.consumer.slot_freed.set()
 
-    async def _handle(self, entry_id: bytes, job: Job, attempt: int | None, start_seq: int) -> None:
-        if attempt is None:
-            now_ms = int(time.time() * 1000)
-            attempt = await retry(lambda: self.store.claim(job.message_id, self.id, now_ms), "claim")
-        if attempt is None:
-            await self.ack(entry_id)
-            return
+    async def _handle(self, entry_id: bytes, message_id: str, taken: Taken | None) -> None:
+        bound = log.bind(message_id=message_id)
+        try:
+            if taken is None:
+                now_ms = int(time.time() * 1000)
+                claimed = await retry(lambda: self.store.claim(message_id, self.id, now_ms), "claim")
+                if claimed is None:
+                    await self.ack(entry_id)
+                    return
+                taken = Taken(*claimed)
+            outcome = await self._run(taken)
+            if outcome != "lost":
+                await self.ack(entry_id)
+        except Exception as exc:  # a job this worker owns must still end: say so in its terminal
+            bound.exception("job_failed")
+            if taken is not None:
+                why = f"the worker failed: {type(exc).__name__}"
+                await self.end(taken.attempt, Error(code="internal", message=why, message_id=message_id, seq=0))
+                await self.ack(entry_id)
+        finally:
+            self.handling.discard(entry_id)
+
+    async def _run(self, taken: Taken) -> str:
         engine = await self._engines.get()
-        running = Running(job, attempt)
-        self.running[job.message_id] = running
+        running = Running(taken.job, taken.attempt)
+        self.running[taken.job.message_id] = running
         metrics.RUNNING.inc()
         try:
             services = JobServices(
@@ -183,15 +196,24 @@ class Worker:
                 self.config.coalesce_window_s,
                 self.with_history,
                 self.config.poll_every_chunks,
+                self.config.redis_deadline_s,
             )
-            outcome = await run_job(services, running, start_seq)
+            outcome = await run_job(services, running, taken.start_seq)
         finally:
             metrics.RUNNING.dec()
-            del self.running[job.message_id]
+            del self.running[taken.job.message_id]
             self._engines.put_nowait(engine)
         metrics.JOBS.labels(outcome).inc()
-        if outcome != "lost":
-            await self.ack(entry_id)
+        return outcome
+
+    async def end(self, attempt: int, terminal: Terminal) -> None:
+        """End a message this worker owns but does not generate, its log's text as the answer."""
+        assert terminal.message_id is not None
+        text = await self.partial_text(terminal.message_id)
+        await end(self.store, self.id, attempt, terminal, text, self.config.redis_deadline_s)
+
+    async def partial_text(self, message_id: str) -> str:
+        return await retry(lambda: self.store.partial_text(message_id), "partial_text")
 
     async def ack(self, entry_id: bytes) -> None:
         await retry(lambda: self.store.ack(entry_id), "xack")
@@ -200,9 +222,8 @@ class Worker:
 
     def signal_cancel(self, message_id: str, source: str) -> None:
         """Stop a running job at once. Its log line is the job's `job_finished` (with the
-        source and the phase the cancel hit), written once the job has ended: a line written
-        here, as the client's `cancelled` is being relayed, costs that relay a CPU on a small
-        machine (idle p95 1.51-1.53 ms without it, 1.68-1.75 ms with it, measured)."""
+        source and the phase the cancel hit), written once the job has ended, so the
+        client's `cancelled` is relayed first (docs/PERFORMANCE.md, "cancel latency")."""
         running = self.running.get(message_id)
         if running is not None and running.token.cancel("cancel"):
             running.cancel_source = source
@@ -211,14 +232,13 @@ class Worker:
     async def _listen_cancels(self) -> None:
         """Keep one lean subscriber on this worker's cancel channel (`store.subscriber`: a
         push is one hiredis parse and a call, no reader task), reconnecting with backoff."""
-        backoff = 0.05
+        backoff = Backoff()
         while True:
             error, listened = await self._cancel_subscription()
             if listened:
-                backoff = 0.05
-            log.warning("cancel_listener_retry", error=str(error), backoff_s=backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
+                backoff.reset()
+            delay = await backoff.wait()
+            log.warning("cancel_listener_retry", error=str(error), backoff_s=round(delay, 3))
 
     async def _cancel_subscription(self) -> tuple[BaseException | None, bool]:
         """One connection: subscribe, read the cancel keys once (pub/sub drops what is
@@ -237,7 +257,7 @@ class Worker:
                 return TimeoutError("the subscription was not confirmed"), False
             await self._catch_up_cancels()
             return await subscriber.closed, True
-        except CONNECTION_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             return exc, False
         finally:
             subscriber.close()
@@ -248,14 +268,9 @@ class Worker:
     async def _catch_up_cancels(self) -> None:
         """Cancels published while we were not subscribed: read the durable keys once."""
         mids = list(self.running)
-        if not mids:
-            return
-        async with self.store.redis.pipeline(transaction=False) as pipe:
-            for mid in mids:
-                pipe.exists(keys.cancel_key(mid))
-            results = await pipe.execute()
-        for mid, found in zip(mids, results):
-            if found:
+        found = await self.store.exists_many([keys.cancel_key(mid) for mid in mids])
+        for mid, cancelled in zip(mids, found):
+            if cancelled:
                 self.signal_cancel(mid, "catch_up")
 
     async def _watch_orphans(self) -> None:
@@ -263,45 +278,13 @@ class Worker:
         while True:
             await asyncio.sleep(self.config.orphan_check_s)
             mids = [m for m, r in self.running.items() if not r.token.cancelled]
-            if not mids:
-                continue
             try:
-                async with self.store.redis.pipeline(transaction=False) as pipe:
-                    for mid in mids:
-                        pipe.exists(keys.attach_lease(mid))
-                    results = await pipe.execute()
-            except CONNECTION_ERRORS as exc:
+                attached = await self.store.exists_many([keys.attach_lease(mid) for mid in mids])
+            except Unavailable as exc:
                 log.warning("orphan_check_failed", error=str(exc))
                 continue
-            for mid, attached in zip(mids, results):
+            for mid, watched in zip(mids, attached):
                 running = self.running.get(mid)
-                if not attached and running is not None and running.token.cancel("orphaned"):
+                if not watched and running is not None and running.token.cancel("orphaned"):
                     metrics.CANCEL_SIGNALS.labels("orphaned").inc()
                     log.info("orphan_cancelled", message_id=mid)
-
-    # --- liveness -----------------------------------------------------------------------
-
-    async def _beat(self) -> None:
-        ttl_ms = self.config.lifetimes.alive_ttl_ms
-        while True:
-            try:
-                async with self.store.redis.pipeline(transaction=False) as pipe:
-                    pipe.set(keys.alive(self.id), b"1", px=ttl_ms)
-                    pipe.hset(
-                        keys.instance("worker", self.id),
-                        mapping={
-                            "kind": "worker",
-                            "id": self.id,
-                            "host": socket.gethostname(),
-                            "pid": os.getpid(),
-                            "started": self.started,
-                            "active": len(self.running),
-                            "capacity": len(self._all_engines),
-                            "last_beat": time.time(),
-                        },
-                    )
-                    pipe.expire(keys.instance("worker", self.id), self.config.lifetimes.instance_ttl_s)
-                    await pipe.execute()
-            except CONNECTION_ERRORS as exc:
-                log.warning("beat_failed", error=str(exc))
-            await asyncio.sleep(ttl_ms / 3000)

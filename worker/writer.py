@@ -1,18 +1,23 @@
 """Batches chunk writes of all jobs of a worker into pipelines (on the store's lean connection).
 
-While one batch is in flight, new chunks wait; when it returns, they all leave in the
-next one. At low load each chunk leaves at once; at high load one round trip carries many
-chunks. Order per message is kept (FIFO, one pipeline at a time).
+While one batch is in flight, new chunks wait; when it returns, they all leave in the next
+one. At low load each chunk leaves at once; at high load one round trip carries many chunks.
+
+Order per message is kept, through failures too: a write that Redis refuses for any reason
+other than fencing (OOM, READONLY, LOADING, a dropped connection...) goes back to the front
+of the queue with the chunks of its message that followed it, and the queue is retried with
+backoff. APPEND stores only the next seq of a message, so a chunk that overtook a refused one
+is refused as out of order and resent after it. A chunk refused for `deadline_s` in a row is
+reported failed (`DeadlinePassed`), and so is every later chunk of its message.
 
 The queue is bounded: past `max_pending` chunks, `full` is true and jobs wait in `room()`
-before they take the next token, so an engine never runs ahead of what Redis can take (the
-queue would otherwise grow without limit, and every chunk, a new message's first one too,
-would wait behind it).
+before they take the next token, so an engine never runs ahead of what Redis can take.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,17 +27,17 @@ import structlog
 
 from store import Unavailable
 from store.lean import raised
-from store.redis_store import APPEND_RESULTS, CONNECTION_ERRORS, Append, Store
-from store.tasks import cancel_all, spawn
+from store.redis_store import APPEND_RESULTS, Append, Store
+from store.retry import REDIS_ERRORS, Backoff, DeadlinePassed
+from store.tasks import Supervisor
 
 log = structlog.get_logger("worker.writer")
 
 
 Written = Callable[[int, Append | BaseException], None]
-"""Called once with a chunk's seq and what became of its write: an `Append` result, or the
-error that kept it from Redis. A callback, not a future per chunk: at thousands of chunks a
-second the future, its callback handle and the extra loop step cost the worker about 5% of its
-CPU per token."""
+"""Called once with a chunk's seq and what became of its write: an `Append` result (never
+"out_of_order": those are resent), or the error that kept it from Redis. A callback, not a
+future per chunk: chunks are many (docs/PERFORMANCE.md, "relay overhead")."""
 
 
 @dataclass(slots=True)
@@ -42,6 +47,8 @@ class _Append:
     seq: int
     frame: str
     written: Written
+    refused_since: float | None = None
+    """When Redis first refused this write (monotonic); None while it has not."""
 
     def report(self, result: Append | BaseException) -> None:
         """Each item is reported once: from its batch's reply, or at `close` if still queued."""
@@ -52,9 +59,18 @@ class _Append:
 
 
 class ChunkWriter:
-    def __init__(self, store: Store, worker_id: str, max_batch: int = 512, max_pending: int = 1024) -> None:
+    def __init__(
+        self,
+        store: Store,
+        worker_id: str,
+        *,
+        deadline_s: float = 30.0,
+        max_batch: int = 512,
+        max_pending: int = 1024,
+    ) -> None:
         self._store = store
         self._worker_id = worker_id
+        self._deadline_s = deadline_s
         self._max_batch = max_batch
         self._max_pending = max_pending
         self._queue: list[_Append] = []
@@ -62,17 +78,19 @@ class ChunkWriter:
         self._waiting: deque[asyncio.Future[None]] = deque()
         """Jobs waiting in `room()`, first come first served."""
         self._closed = False
-        self._task: asyncio.Task[None] | None = None
+        self._backoff = Backoff()
+        self._task = Supervisor()
 
     def start(self) -> None:
-        self._task = spawn(self._run(), "chunk-writer")
+        self._task.start(self._run, "chunk-writer")
 
     async def close(self) -> None:
-        if self._task is not None:
-            await cancel_all([self._task])
+        """Stop writing; what is still queued is reported failed."""
+        await self._task.close()
         self._closed = True
         self._release(len(self._waiting))
-        for item in self._queue:
+        queue, self._queue = self._queue, []
+        for item in queue:
             item.report(Unavailable("worker shutting down"))
 
     @property
@@ -102,7 +120,7 @@ class ChunkWriter:
 
     def append(self, message_id: str, attempt: int, seq: int, frame: str, written: Written) -> None:
         """Queue a fenced chunk write; `written` learns whether it was written, or refused
-        because the message was cancelled or is no longer this worker's."""
+        because the message was cancelled or is no longer this worker's, or failed."""
         self._queue.append(_Append(message_id, attempt, seq, frame, written))
         self._wake.set()
 
@@ -113,41 +131,76 @@ class ChunkWriter:
             while self._queue:
                 batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
                 self._release(self._max_pending - len(self._queue))
-                await self._write(batch)
+                again = await self._write(batch)
+                if again:
+                    self._queue[:0] = again
+                    await self._backoff.wait()
+                else:
+                    self._backoff.reset()
             self._release(len(self._waiting))  # all written: a job woken that wrote nothing left its place unused
 
-    async def _write(self, batch: list[_Append]) -> None:
-        """Write a batch in order. While Redis is unreachable, retry with backoff; entries
-        refused with NOSCRIPT (Redis restarted) are retried once the script is loaded again."""
-        backoff = 0.05
-        while batch:
-            commands = [
-                self._store.append_command(item.message_id, self._worker_id, item.attempt, item.seq, item.frame)
-                for item in batch
-            ]
+    async def _write(self, batch: list[_Append]) -> list[_Append]:
+        """Write a batch; returns the items to send again, in order."""
+        commands = [
+            self._store.append_command(item.message_id, self._worker_id, item.attempt, item.seq, item.frame)
+            for item in batch
+        ]
+        try:
+            replies = await self._store.lean.execute(commands)
+        except REDIS_ERRORS as exc:
+            log.warning("chunk_write_retry", error=str(exc), chunks=len(batch))
+            return self._refused(batch, exc)
+        again: list[_Append] = []
+        reload = False
+        for item, reply in zip(batch, replies):
             try:
-                results = await self._store.lean.execute(commands)
-            except CONNECTION_ERRORS as exc:
-                log.warning("chunk_write_retry", error=str(exc), chunks=len(batch), backoff_s=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+                result = APPEND_RESULTS[int(raised(reply))]
+            except redis.exceptions.NoScriptError:
+                reload = True
+                again.append(item)
                 continue
-            retry: list[_Append] = []
-            for item, result in zip(batch, results):
-                try:
-                    written = APPEND_RESULTS[int(raised(result))]
-                except redis.exceptions.NoScriptError:
-                    retry.append(item)
-                    continue
-                except redis.exceptions.ResponseError as exc:
-                    item.report(exc)
-                    continue
-                item.report(written)
-            if retry:
-                try:
-                    await self._store.load_append_script()
-                except Unavailable as exc:
-                    log.warning("script_load_retry", error=str(exc), backoff_s=backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 1.0)
-            batch = retry
+            except redis.exceptions.ResponseError as exc:
+                log.warning("chunk_write_refused", error=str(exc), message_id=item.message_id, seq=item.seq)
+                item.refused_since = item.refused_since or time.monotonic()
+                again.append(item)
+                continue
+            if result == "out_of_order":  # an earlier chunk was refused: resent after it
+                item.refused_since = item.refused_since or time.monotonic()
+                again.append(item)
+            else:
+                item.report(result)
+        if reload:
+            try:
+                await self._store.load_append_script()
+            except REDIS_ERRORS as exc:
+                log.warning("script_load_retry", error=str(exc))
+        return self._past_deadline(again)
+
+    def _refused(self, items: list[_Append], error: BaseException) -> list[_Append]:
+        now = time.monotonic()
+        for item in items:
+            item.refused_since = item.refused_since or now
+        return self._past_deadline(items, error)
+
+    def _past_deadline(self, items: list[_Append], error: BaseException | None = None) -> list[_Append]:
+        """Report the items refused for too long, and every later item of their messages;
+        return the others."""
+        now = time.monotonic()
+        failed: set[str] = set()
+        kept: list[_Append] = []
+        for item in items:
+            expired = item.refused_since is not None and now - item.refused_since >= self._deadline_s
+            if item.message_id in failed or expired:
+                failed.add(item.message_id)
+                item.report(DeadlinePassed(f"redis refused the chunk write for {self._deadline_s:g} s: {error}"))
+            else:
+                kept.append(item)
+        if failed:
+            # chunks of a failed message still queued would be refused as out of order for ever
+            queued, self._queue = self._queue, []
+            for item in queued:
+                if item.message_id in failed:
+                    item.report(DeadlinePassed("an earlier chunk of this message could not be written"))
+                else:
+                    self._queue.append(item)
+        return kept

@@ -36,9 +36,9 @@ async def running_message(store: Store, user: str = "u", session: str = "s") -> 
     mid = f"m-{time.time_ns()}"
     job = Job(message_id=mid, user=user, session_id=session, text="hi", max_tokens=50, created_ms=0)
     assert (await store.submit(job)).outcome == "ok"
-    attempt = await store.claim(mid, WORKER, 0)
-    assert attempt is not None
-    return mid, attempt
+    claimed = await store.claim(mid, WORKER, 0)
+    assert claimed is not None and claimed[1] == job
+    return mid, claimed[0]
 
 
 async def append(store: Store, mid: str, attempt: int, seq: int, text: str) -> Append:
@@ -52,8 +52,7 @@ async def log_frames(store: Store, mid: str) -> list[dict[str, object]]:
 
 
 async def finish_done(store: Store, mid: str, attempt: int, seq: int, text: str) -> str:
-    frame = encode_text(Done(message_id=mid, seq=seq, finish_reason="length"))
-    return await store.finish(mid, WORKER, attempt, "done", seq, frame, text)
+    return await store.finish(mid, WORKER, attempt, Done(message_id=mid, seq=seq, finish_reason="length"), text)
 
 
 async def test_cancel_of_a_running_message_ends_it_at_its_last_stored_seq(store: Store) -> None:
