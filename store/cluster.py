@@ -28,6 +28,7 @@ import redis.exceptions
 from redis.crc import key_slot
 
 from store.lean import Command, Connection, open_connection, raised
+from store.retry import Backoff
 
 SLOTS = 16384
 Address = tuple[str, int]
@@ -48,6 +49,14 @@ _REDIRECTIONS = ("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN", "LOADING")
 _MAX_MOVED = 5
 """MOVED rounds in one call: the map read after a MOVED should be right; ASK and TRYAGAIN
 repeat until the migration ends or the call's deadline."""
+
+
+async def has_sharded_pubsub(client: CommandClient) -> bool:
+    """Whether the server has sharded pub/sub (SPUBLISH, SSUBSCRIBE): Redis 7 or later."""
+    info = await client.call("INFO", "server")
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    version = next(line for line in text.splitlines() if line.startswith("redis_version:"))
+    return int(version.split(":")[1].split(".")[0]) >= 7
 
 
 class CommandClient(Protocol):
@@ -243,7 +252,7 @@ class ClusterClient:
         replies = [None] * len(commands)
         pending = list(range(len(commands)))
         asking: dict[int, Address] = {}
-        backoff, redirects = 0.01, 0
+        backoff, redirects = Backoff(base_s=0.01, cap_s=0.2), 0
         while True:
             owners = self._owners if self._owners is not None else await self._refresh()
             await self._send(commands, pending, asking, owners, replies, deadline)
@@ -256,8 +265,7 @@ class ClusterClient:
             if moved:
                 self._owners = None
             if later:
-                await asyncio.sleep(min(backoff, max(0.0, deadline - loop.time())))
-                backoff = min(backoff * 2, 0.2)
+                await asyncio.sleep(min(backoff.next_delay(), max(0.0, deadline - loop.time())))
             pending = retry
 
     async def _execute_one(self, commands: Sequence[Command], owners: list[_Node]) -> list[Any] | None:

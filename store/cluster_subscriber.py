@@ -35,8 +35,9 @@ from redis.connection import parse_url
 from redis.crc import key_slot
 
 from store import Unavailable
-from store.cluster import Address, ClusterClient
+from store.cluster import Address, ClusterClient, has_sharded_pubsub
 from store.lean import pack
+from store.retry import Backoff
 from store.subscriber import OnMessage, Subscriber
 from store.tasks import spawn
 
@@ -215,12 +216,10 @@ class ClusterSubscriber:
         client = ClusterClient(options, timeout_s)
         try:
             await client.refresh()
-            info = await client.call("INFO", "server")
+            sharded = await has_sharded_pubsub(client)
         except _ERRORS as exc:
             client.disconnect()
             raise Unavailable(f"redis cluster unreachable: {exc}") from exc
-        version = next(line for line in info.decode().splitlines() if line.startswith("redis_version:"))
-        sharded = int(version.split(":")[1].split(".")[0]) >= 7
         subscriber = cls(options, client, on_message, on_resubscribed, sharded, timeout_s)
         targets = client.masters() if sharded else [random.choice(client.masters())]
         subscriber._broadcast = None if sharded else targets[0]
@@ -341,17 +340,16 @@ class ClusterSubscriber:
         they live, wait for the confirmations, tell the owner. Backoff between rounds, as
         long as it takes."""
         assert self._on_resubscribed is not None
-        backoff = 0.05
+        backoff = Backoff()
         while waiting := [c for c in self._homeless if c in self._wanted and c not in self._home]:
             subscribed = await self._subscribe_where_they_live(waiting)
             self._homeless.difference_update(subscribed)
             self._homeless.intersection_update(self._wanted)
             if subscribed:
                 self._on_resubscribed(subscribed)
-                backoff = 0.05
+                backoff.reset()
             else:
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+                await backoff.wait()
         self._homeless.clear()  # all unwanted, or subscribed again by the owner meanwhile
 
     async def _subscribe_where_they_live(self, channels: list[str]) -> list[str]:
