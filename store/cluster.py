@@ -27,7 +27,7 @@ import hiredis
 import redis.exceptions
 from redis.crc import key_slot
 
-from store.lean import Command, Connection, open_connection, raised
+from store.lean import Command, Connection, LeanClient, open_connection, raised
 from store.retry import Backoff
 
 SLOTS = 16384
@@ -57,6 +57,12 @@ async def has_sharded_pubsub(client: CommandClient) -> bool:
     text = info.decode() if isinstance(info, bytes) else str(info)
     version = next(line for line in text.splitlines() if line.startswith("redis_version:"))
     return int(version.split(":")[1].split(".")[0]) >= 7
+
+
+def lean_client(options: dict[str, Any], timeout_s: float = 2.0, *, cluster: bool = False) -> CommandClient:
+    """The hot paths' client: `ClusterClient` on a Redis Cluster (`options` name any node),
+    else `LeanClient`."""
+    return ClusterClient(options, timeout_s) if cluster else LeanClient(options, timeout_s)
 
 
 class CommandClient(Protocol):

@@ -12,9 +12,9 @@ import redis.exceptions
 from redis.connection import parse_url
 from redis.crc import key_slot
 
-from store.cluster import ClusterClient, command_slot
+from store.cluster import ClusterClient, command_slot, lean_client
 from store.embedded import ClusterNode, EmbeddedCluster
-from tests.cluster import fail_over, finish_migration, move_keys, other_master, restore, start_migration
+from tests.cluster import RedisTarget, fail_over, finish_migration, move_keys, other_master, restore, start_migration
 from tests.support import t, wait_until
 
 SCRIPT = "redis.call('RPUSH', KEYS[1], ARGV[1]) return redis.call('LLEN', KEYS[2])"
@@ -42,6 +42,21 @@ def test_command_slot_finds_the_key_of_each_kind_of_command() -> None:
     assert command_slot(("XREADGROUP", "GROUP", "g", "c", "COUNT", 1, "STREAMS", "{p6}:jobs", ">")) == key_slot(b"p6")
     assert command_slot(("XINFO", "STREAM", "{p7}:jobs")) == key_slot(b"p7")
     assert command_slot(("PING",)) is None
+
+
+async def test_the_same_batch_answers_alike_on_one_redis_and_on_the_cluster(redis_target: RedisTarget) -> None:
+    client = lean_client(parse_url(redis_target.url), cluster=redis_target.cluster)  # type: ignore[no-untyped-call]
+    assert isinstance(client, ClusterClient) is redis_target.cluster
+    try:
+        replies = await client.execute(
+            [("RPUSH", f"{{m{n % 7}}}:log", n) for n in range(70)] + [("LRANGE", f"{{m{i}}}:log", 0, -1) for i in range(7)]
+        )
+        with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+            await client.call("GET", "{m0}:log")
+    finally:
+        await client.close()
+    assert replies[:70] == [n // 7 + 1 for n in range(70)]
+    assert replies[70:] == [[str(n).encode() for n in range(i, 70, 7)] for i in range(7)]
 
 
 async def test_a_batch_across_masters_answers_in_order_with_errors_as_values(redis_cluster: EmbeddedCluster, cluster_url: str) -> None:
