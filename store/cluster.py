@@ -3,7 +3,9 @@ master, each command sent to the master that serves its key's slot.
 
 `ClusterClient` has `LeanClient`'s interface (`execute`, `call`, `close`; error replies as
 values). It learns the slot map with CLUSTER SLOTS, splits a batch by master, writes every
-part at once and puts the replies back in the batch's order. Commands of one slot keep their
+part at once and puts the replies back in the batch's order. A command without a key (PUBLISH,
+WAIT, PING) goes to the master of the command before it in the batch (WAIT then waits for that
+master's replicas), else to any master. Commands of one slot keep their
 order: they go to one master, in one part, in batch order (the worker's chunk writes rely on
 it). Redirections are followed inside `execute`: MOVED (the map is read again, the command
 resent to the new owner), ASK (ASKING + the command, on the importing master), TRYAGAIN and
@@ -77,8 +79,8 @@ class CommandClient(Protocol):
 
 def _key_position(name: str) -> int:
     """Where a command's routing key is: an argument index, `_NO_KEY` or `_STREAMS`.
-    SPUBLISH's channel is its argument 1, like a key; PUBLISH reaches every node of a 6.2
-    cluster from any node."""
+    SPUBLISH's channel is its argument 1, like a key; PUBLISH reaches every node of a cluster
+    from any node."""
     if name in _KEYLESS:
         return _NO_KEY
     if name in _SCRIPTS:
@@ -117,7 +119,8 @@ def command_slot(command: Command) -> int | None:
         return None
     if position == _STREAMS:
         upper = [a.upper() if isinstance(a, (bytes, str)) else a for a in command]
-        position = (upper.index("STREAMS") if "STREAMS" in upper else upper.index(b"STREAMS")) + 1
+        marker = "STREAMS" if "STREAMS" in upper else b"STREAMS"
+        position = upper.index(marker) + 1 if marker in upper else len(command)
     elif position == 3 and command[2] != 1 and int(command[2]) == 0:
         return None  # a script with no keys
     if position >= len(command):
@@ -325,7 +328,7 @@ class ClusterClient:
     ) -> None:
         """Send `pending` (indices into `commands`), one part per master, all parts written
         before any is awaited; each reply lands at its command's index."""
-        default = owners[0]
+        node = owners[0]  # keyless commands go with the command before them, else here
         parts: dict[_Node, list[int]] = {}
         for index in pending:
             target = asking.get(index) if asking else None
@@ -333,7 +336,8 @@ class ClusterClient:
                 node = self._node(target)
             else:
                 slot = command_slot(commands[index])
-                node = owners[slot] if slot is not None else default
+                if slot is not None:
+                    node = owners[slot]
             part = parts.get(node)
             if part is None:
                 parts[node] = [index]

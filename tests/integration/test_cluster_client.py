@@ -102,6 +102,19 @@ async def test_evalsha_goes_to_the_slot_of_its_first_key(cluster_url: str) -> No
     assert replies == [1] * 50
 
 
+async def test_a_keyless_command_goes_with_the_command_before_it(redis_cluster: EmbeddedCluster, cluster_url: str) -> None:
+    """So WAIT after a write waits for that write's master. CLUSTER MYID names the node."""
+    keys = [f"{{w{i}}}:k" for i in range(12)]
+    client = cluster_client(cluster_url)
+    try:
+        replies = await client.execute([c for key in keys for c in (("SET", key, 1), ("CLUSTER", "MYID"))])
+    finally:
+        await client.close()
+    owners = [redis_cluster.owner(key_slot(key.encode())) for key in keys]
+    assert len({owner.port for owner in owners}) == 3
+    assert replies[1::2] == [owner.node_id.encode() for owner in owners]
+
+
 async def test_per_slot_order_is_kept_in_a_batch_across_masters(cluster_url: str) -> None:
     """512 appends to 40 messages spread over every master: each message's list is in order."""
     client = cluster_client(cluster_url)
