@@ -345,6 +345,7 @@ class ClusterSubscriber:
             subscribed = await self._subscribe_where_they_live(waiting)
             self._homeless.difference_update(subscribed)
             self._homeless.intersection_update(self._wanted)
+            subscribed = [c for c in subscribed if c in self._wanted]  # not those unsubscribed meanwhile
             if subscribed:
                 self._on_resubscribed(subscribed)
                 backoff.reset()
