@@ -1,6 +1,7 @@
 """`python -m bench [NAME ...] [--quick] [--json PATH]`: run the benchmarks, print one table.
 
-NAME is one or more of relay_overhead, cancel_latency, throughput, idle_memory, pubsub_cost, job_memory (default: all,
+NAME is one or more of relay_overhead, cancel_latency, throughput, idle_memory, pubsub_cost, job_memory,
+cluster_clients, cluster_pubsub (default: all,
 what `make bench` runs). `--quick` uses tiny sizes (the smoke test); `--json PATH` writes every
 figure. Each benchmark starts its own Redis, gateways and workers as processes, runs its
 clients in separate processes, and stops them all when it ends, fails or is interrupted.
@@ -26,6 +27,8 @@ from rich.console import Console
 from rich.table import Table
 
 import bench.cancel_latency as cancel_latency
+import bench.cluster_clients as cluster_clients
+import bench.cluster_pubsub as cluster_pubsub
 import bench.idle_memory as idle_memory
 import bench.job_memory as job_memory
 import bench.pubsub_cost as pubsub_cost
@@ -41,6 +44,8 @@ BENCHMARKS: dict[str, Benchmark] = {
     idle_memory.NAME: idle_memory.run,
     pubsub_cost.NAME: pubsub_cost.run,
     job_memory.NAME: job_memory.run,
+    cluster_clients.NAME: cluster_clients.run,
+    cluster_pubsub.NAME: cluster_pubsub.run,
 }
 
 

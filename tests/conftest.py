@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from store import embedded
+from tests.cluster import any_cluster, cluster_url, redis7_cluster, redis_cluster, redis_target  # noqa: F401 (fixtures)
 from tests.support import ProcessCluster
 
 
