@@ -140,17 +140,28 @@ class LeanClient:
 
     async def execute(self, commands: Sequence[Command]) -> list[Any]:
         """Replies in order; error replies as `hiredis.ReplyError` values. Raises redis-py's
-        `ConnectionError` / `TimeoutError` if Redis cannot be reached or does not answer."""
-        connection = self._connection
-        if connection is None or connection.lost:
-            connection = await self._connect()
-        replies = connection.send(commands)
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                return await replies
-        except TimeoutError:
-            connection.close()
-            raise redis.exceptions.TimeoutError(f"redis did not answer within {self._timeout_s} s") from None
+        `ConnectionError` / `TimeoutError` if Redis cannot be reached or does not answer.
+
+        A connection that was open but turns out closed (Redis dropped it while it was idle)
+        costs one more try on a new one: every command sent here must be safe to send twice
+        (reads, XACK, PUBLISH, and the scripts of `store.scripts`, which are)."""
+        for last_try in (False, True):
+            connection = self._connection
+            fresh = connection is None or connection.lost
+            if fresh:
+                connection = await self._connect()
+            assert connection is not None
+            replies = connection.send(commands)
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    return await replies
+            except TimeoutError:
+                connection.close()
+                raise redis.exceptions.TimeoutError(f"redis did not answer within {self._timeout_s} s") from None
+            except redis.exceptions.ConnectionError:
+                if fresh or last_try:
+                    raise
+        raise AssertionError("unreachable")
 
     async def call(self, *command: bytes | str | int | float) -> Any:
         """One command; an error reply is raised (see `raised`)."""

@@ -12,6 +12,8 @@ import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.driver_info import DriverInfo
 
 from protocol.jobs import Job, StoredAnswer, StoredTurn, answer_decoder, job_decoder, job_encoder, turn_decoder
@@ -46,7 +48,9 @@ def connect(url: str, *, timeout_s: float | None = 2.0, max_connections: int = 2
     Pub/sub listeners pass `timeout_s=None`: they block on reads by design. redis-py 8's
     pool raises "Too many connections" past 100 concurrent calls, which looks exactly like
     Redis being down, so the limit is raised; past it a call still fails fast (unavailable)
-    rather than queueing behind a saturated Redis.
+    rather than queueing behind a saturated Redis. A pooled connection that Redis closed
+    while it was idle costs one more try on a new one (what is sent through this client is
+    safe to send twice: reads, SETs of leases and records, XACK, XCLAIM).
     """
     pool = aioredis.ConnectionPool.from_url(
         url,
@@ -56,6 +60,7 @@ def connect(url: str, *, timeout_s: float | None = 2.0, max_connections: int = 2
         socket_connect_timeout=2.0,
         health_check_interval=0,
         decode_responses=False,
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
     )
     return aioredis.Redis.from_pool(pool)
 

@@ -2,7 +2,9 @@
 
 A message's `state` in its meta hash moves queued → running → done | cancelled | error, and
 only these scripts move it. Writes from a worker carry (worker, attempt) and are refused
-once the job belongs to someone else (fencing). Key prefixes and lifetimes are a Lua table
+once the job belongs to someone else (fencing). Every script can be run twice with the same
+arguments and answers the second time as it did the first (a call whose reply was lost with
+its connection is sent again: `store.lean`). Key prefixes and lifetimes are a Lua table
 `C` written into the script's text by `configured` (see `store.redis_store.Store`), so names
 stay defined in `store.keys` alone, and no call pays for decoding them.
 """
@@ -81,6 +83,7 @@ if ARGV[5] ~= '' then
   local existing = redis.call('GET', KEYS[5])
   if existing then return {'dup', existing} end
 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'dup', mid} end
 local prev = redis.call('GET', KEYS[2])
 if prev and prev ~= ARGV[8] then return {'busy', prev} end
 local stale = tonumber(ARGV[7]) - C.message_ttl * 1000
@@ -137,8 +140,9 @@ CLAIM = r"""
 -- The id leaves the backlog whatever its state: a message that expired or ended while queued
 -- is no longer waiting either.
 redis.call('ZREM', KEYS[2], ARGV[3])
-local m = redis.call('HMGET', KEYS[1], 'state', 'job')
+local m = redis.call('HMGET', KEYS[1], 'state', 'job', 'worker', 'attempt')
 if not m[1] then return {'gone', 0, ''} end
+if m[1] == 'running' and m[3] == ARGV[1] and m[2] then return {'run', tonumber(m[4]), m[2]} end
 if m[1] ~= 'queued' or not m[2] then return {'skip', 0, ''} end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[1], 'claimed_ms', ARGV[2])
@@ -147,7 +151,8 @@ return {'run', attempt, m[2]}
 
 TAKEOVER = r"""
 -- A dead worker's running job moves to this worker. KEYS: meta; ARGV: dead worker, new worker
-local m = redis.call('HMGET', KEYS[1], 'state', 'worker', 'last_seq', 'job')
+local m = redis.call('HMGET', KEYS[1], 'state', 'worker', 'last_seq', 'job', 'attempt')
+if m[1] == 'running' and m[2] == ARGV[2] and m[4] then return {'run', tonumber(m[5]), tonumber(m[3]), m[4]} end
 if m[1] ~= 'running' or m[2] ~= ARGV[1] or not m[4] then return {'skip', 0, 0, ''} end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'worker', ARGV[2])
@@ -192,6 +197,7 @@ if m[3] == 'cancelled' then
   redis.call('DEL', C.cancel .. ARGV[1])
   return 3
 end
+if m[3] == ARGV[4] then return 1 end
 if m[3] ~= 'running' then return 0 end
 if ARGV[4] == 'done' and redis.call('EXISTS', C.cancel .. ARGV[1]) == 1 then
   write_terminal(ARGV[1], 'cancelled', ARGV[10], ARGV[11], ARGV[7], 'cancelled', 'cancelled')

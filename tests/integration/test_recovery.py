@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from protocol.jobs import Job
-from protocol.messages import Chunk, encode_text
+from protocol.messages import Chunk, Done, encode_text
 from store import keys
 from store.redis_store import Store, connect
 from store.settings import Lifetimes
@@ -145,3 +145,23 @@ async def test_a_running_job_of_a_live_worker_it_forgot_ends_worker_lost(redis_u
         await wait_until(lambda: ended(store, [job.message_id]), timeout=15)
         last = (await store.read_log(job.message_id, 0))[-1]
         assert b'"code":"worker_lost"' in last and b'"seq":1' in last, last
+
+
+async def test_every_script_answers_a_repeated_call_as_the_first(store: Store) -> None:
+    """A call whose reply was lost with its connection is sent again (store.lean): the second
+    run of each script must change nothing and answer the same."""
+    job = new_job(1)
+    assert (await store.submit(job)).outcome == "ok"
+    assert await store.submit(job) == (await store.submit(job))
+    assert (await store.submit(job)).outcome == "dup"
+    assert await store.redis.llen(keys.history("u", job.session_id)) == 1, "one user turn"
+    assert await store.redis.xlen(keys.JOBS_STREAM) == 1, "one job"
+    first = await store.claim(job.message_id, "w-1", 0)
+    assert first is not None and await store.claim(job.message_id, "w-1", 0) == first
+    assert await store.claim(job.message_id, "w-2", 0) is None, "another worker still gets nothing"
+    taken = await store.takeover(job.message_id, "w-1", "w-3")
+    assert taken is not None and await store.takeover(job.message_id, "w-1", "w-3") == taken
+    done = Done(message_id=job.message_id, seq=0, finish_reason="length")
+    assert await store.finish(job.message_id, "w-3", taken[0], done, "") == "ended"
+    assert await store.finish(job.message_id, "w-3", taken[0], done, "") == "ended"
+    assert len(await store.read_log(job.message_id, 0)) == 1, "one terminal"
