@@ -16,6 +16,7 @@ from typing import Protocol
 
 import msgspec
 import structlog
+from redis.exceptions import ResponseError
 
 from protocol.messages import Error, encode_text
 from protocol.relay import SeqTracker, Verdict
@@ -241,10 +242,14 @@ class Relay:
         page_size = self.hub.replay_page
         first = True
         while not self.tracker.finished:
-            page = await self.store.read_log_page(self.message_id, self.tracker.last_seq, page_size)
+            try:
+                page = await self.store.read_log_page(self.message_id, self.tracker.last_seq, page_size)
+                gone = not page and first and await self.store.message_owner(self.message_id) is None
+            except ResponseError as exc:  # LOADING while an AOF loads, BUSY behind a slow script
+                raise Unavailable(f"redis refused a log read: {exc}") from exc
+            if gone:
+                await self._end("the message no longer exists")
             if not page:
-                if first and await self.store.message_owner(self.message_id) is None:
-                    await self._end("the message no longer exists")
                 return
             for position, frame in page:
                 if position != self.tracker.last_seq + 1 or await self._offer(frame) is Verdict.GAP:

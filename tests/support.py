@@ -146,6 +146,7 @@ class Client:
         return "".join(c["text"] for c in self.chunks(message_id))
 
     async def close(self) -> None:
+        self._reading.set()
         await self.ws.close()
         await asyncio.gather(self._reader, return_exceptions=True)
 

@@ -1,7 +1,8 @@
 """A replay (a `resume`, or any re-read of a message's log) delivers every chunk and then the
 real terminal, whatever happens while it runs: a client that reads slowly (the relay's inbox
 overflows; it hears nothing for seconds), the gateway's pub/sub connection killed. Only a log
-that was really trimmed ends the stream early, with `not_found` at the last seq delivered.
+that was really trimmed ends the stream early, with `not_found` at the last seq delivered;
+Redis refusing the relay's reads for a while (BUSY behind a slow script) only delays it.
 
 The slow reader is a real WebSocket client with a small receive buffer that stops reading
 until the event under test has happened at the gateway (seen on its /metrics).
@@ -9,15 +10,18 @@ until the event under test has happened at the gateway (seen on its /metrics).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator
 
+import redis
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from protocol.validation import Limits
 from store import keys
+from store.settings import Lifetimes
 from store.redis_store import LOG_PAGE
 from tests.support import Client, assert_stream_ok, client, gateway, http_get, wait_until, worker
 from worker.engines.synthetic import SyntheticEngine
@@ -206,3 +210,43 @@ async def test_a_log_trimmed_during_a_replay_ends_where_the_kept_part_stops(redi
         assert seqs[-1] % LOG_PAGE == 0 and seqs[-1] < 2001, "the error comes where the page read before the trim ends"
     finally:
         await admin.aclose()
+
+
+BUSY_SCRIPT = """
+local t0 = redis.call('TIME')
+while true do
+  local t = redis.call('TIME')
+  if (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > tonumber(ARGV[1]) * 1000 then return 1 end
+end
+"""
+"""A read-only script that keeps Redis busy for ARGV[1] ms: past `lua-time-limit` every other
+client is answered BUSY."""
+
+
+async def test_redis_answering_busy_during_a_replay(own_redis: tuple[str, redis.Redis]) -> None:
+    """The gateway's own background writes are spaced out (beat, attach leases) so that
+    only the relay meets the BUSY window."""
+    url, admin = own_redis
+    quiet = Lifetimes(instance_ttl_s=3_600, detach_grace_s=600)
+    async with gateway(url, lifetimes=quiet, **SLOW_CLIENT) as gw:
+        async with worker(url, engines(0.0), coalesce_window_s=0.0), client(gw.port, "alice") as a:
+            mid = await finished_message(a, 3000)
+        async with slow_reader(gw.port, "alice") as b:
+            sent = await frames_out(gw.port)
+            await b.send(type="resume", message_id=mid, after_seq=0)
+            await replay_under_way(gw.port, sent)
+            admin.config_set("lua-time-limit", 50)
+            busy = asyncio.create_task(asyncio.to_thread(redis.Redis.from_url(url).eval, BUSY_SCRIPT, 0, 2000))
+
+            def answering_busy() -> bool:
+                try:
+                    admin.get("probe")
+                except redis.exceptions.ResponseError as exc:
+                    return str(exc).startswith("BUSY")
+                return False
+
+            await wait_until(answering_busy, timeout=10)
+            b.resume_reading()
+            assert await busy == 1
+            await b.terminal(mid, timeout=30)
+            assert_everything_then_done(b, mid, 3000)
