@@ -1,6 +1,6 @@
 """`python -m bench [NAME ...] [--quick] [--json PATH]`: run the benchmarks, print one table.
 
-NAME is one or more of relay_overhead, cancel_latency, throughput, idle_memory, pubsub_cost (default: all,
+NAME is one or more of relay_overhead, cancel_latency, throughput, idle_memory, pubsub_cost, chaos (default: all,
 what `make bench` runs). `--quick` uses tiny sizes (the smoke test); `--json PATH` writes every
 figure. Each benchmark starts its own Redis, gateways and workers as processes, runs its
 clients in separate processes, and stops them all when it ends, fails or is interrupted.
@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 import bench.cancel_latency as cancel_latency
+import bench.chaos as chaos
 import bench.idle_memory as idle_memory
 import bench.pubsub_cost as pubsub_cost
 import bench.relay_overhead as relay_overhead
@@ -39,6 +40,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     throughput.NAME: throughput.run,
     idle_memory.NAME: idle_memory.run,
     pubsub_cost.NAME: pubsub_cost.run,
+    chaos.NAME: chaos.run,
 }
 
 
