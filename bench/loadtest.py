@@ -84,12 +84,16 @@ def raise_open_files_limit() -> int:
 
 
 async def run_load(
-    config: LoadConfig, progress: Progress | None = None, checker: Checker | None = None
+    config: LoadConfig,
+    progress: Progress | None = None,
+    checker: Checker | None = None,
+    results: Results | None = None,
 ) -> tuple[Results, Checker, float]:
-    """Run every client to its end; returns the figures, the checker (`checker`, when given:
-    a subclass that watches the frames too) and the wall time. A client that fails (a bug of
-    the load test) is a violation; the others run on."""
-    results = Results()
+    """Run every client to its end; returns the figures, the checker and the wall time.
+    `checker` and `results`, when given, are the ones to use (a caller that watches them
+    while the load runs). A client that fails (a bug of the load test) is a violation; the
+    others run on."""
+    results = results if results is not None else Results()
     checker = checker if checker is not None else Checker()
     clients = [LoadClient(i, config, results, checker) for i in range(config.clients)]
     total = config.clients * config.messages if config.messages is not None else None
