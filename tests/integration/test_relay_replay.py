@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import redis
 import redis.asyncio as aioredis
@@ -81,6 +81,25 @@ async def replay_under_way(port: int, since: float) -> None:
     await wait_until(sent, timeout=20)
 
 
+async def held_replay(
+    port: int, b: Client, mid: str, cause: str, act: Callable[[], Awaitable[object]] | None = None
+) -> None:
+    """`b`, not reading, resumes `mid` from its start; once the replay is under way `act`
+    runs (when given); `b` starts reading once the gateway has counted a resync of `cause`,
+    which therefore came while the replay was held up."""
+    before, sent = await resyncs(port, cause), await frames_out(port)
+    await b.send(type="resume", message_id=mid, after_seq=0)
+    if act is not None:
+        await replay_under_way(port, sent)
+        await act()
+
+    async def happened() -> bool:
+        return await resyncs(port, cause) > before
+
+    await wait_until(happened, timeout=20)
+    b.resume_reading()
+
+
 def assert_everything_then_done(c: Client, mid: str, chunks: int) -> None:
     end = assert_stream_ok(c, mid)
     assert end["type"] == "done", end
@@ -111,14 +130,7 @@ async def test_inbox_overflow_behind_a_slow_reader_during_a_replay(redis_url: st
         async with client(gw.port, "alice") as a, slow_reader(gw.port, "alice") as b:
             mid = await a.chat("s", max_tokens=4000)
             await a.wait_for(lambda f: f["type"] == "chunk" and f["seq"] >= 1500, timeout=30)
-            overflows = await resyncs(gw.port, "overflow")
-            await b.send(type="resume", message_id=mid, after_seq=0)
-
-            async def overflowed() -> bool:
-                return await resyncs(gw.port, "overflow") > overflows
-
-            await wait_until(overflowed, timeout=20)
-            b.resume_reading()
+            await held_replay(gw.port, b, mid, "overflow")
             await b.terminal(mid, timeout=60)
             assert_everything_then_done(b, mid, 4000)
 
@@ -130,14 +142,7 @@ async def test_a_reader_silent_for_seconds_during_a_replay(redis_url: str) -> No
         async with client(gw.port, "alice") as a:
             mid = await finished_message(a, 3000)
         async with slow_reader(gw.port, "alice") as b:
-            idle = await resyncs(gw.port, "idle")
-            await b.send(type="resume", message_id=mid, after_seq=0)
-
-            async def swept() -> bool:
-                return await resyncs(gw.port, "idle") > idle
-
-            await wait_until(swept, timeout=20)
-            b.resume_reading()
+            await held_replay(gw.port, b, mid, "idle")
             await b.terminal(mid, timeout=60)
             assert_everything_then_done(b, mid, 3000)
 
@@ -149,17 +154,7 @@ async def test_pubsub_reconnect_during_a_replay(redis_url: str) -> None:
             async with client(gw.port, "alice") as a, slow_reader(gw.port, "alice") as b:
                 mid = await a.chat("s", max_tokens=3000)
                 await a.wait_for(lambda f: f["type"] == "chunk" and f["seq"] >= 1000, timeout=30)
-                reconnects = await resyncs(gw.port, "reconnect")
-                sent = await frames_out(gw.port)
-                await b.send(type="resume", message_id=mid, after_seq=0)
-                await replay_under_way(gw.port, sent)
-                assert await admin.client_kill_filter(_type="pubsub") >= 1
-
-                async def resubscribed() -> bool:
-                    return await resyncs(gw.port, "reconnect") > reconnects
-
-                await wait_until(resubscribed, timeout=20)
-                b.resume_reading()
+                await held_replay(gw.port, b, mid, "reconnect", lambda: admin.client_kill_filter(_type="pubsub"))
                 await b.terminal(mid, timeout=60)
                 assert_everything_then_done(b, mid, 3000)
                 await a.terminal(mid, timeout=60)
