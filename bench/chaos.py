@@ -419,10 +419,11 @@ def rows(f: Figures) -> list[Row]:
         kinds.setdefault(fault["kind"], []).append(fault)
     for kind, faults in kinds.items():
         delays = [x["recovery_s"] for x in faults if x["recovery_s"] is not None]
-        failed = sum(1 for x in faults if x["failed"])
+        notes = [f"{n} {what}" for n, what in (
+            (len(faults) - len(delays), "without a chunk after"), (sum(1 for x in faults if x["failed"]), "not injected"),
+        ) if n]
         out.append(Row(NAME, f"  {kind} ×{len(faults)}: end → next chunk, max",
-                       f"{max(delays) * 1000:,.0f} ms" if delays else "no chunk after",
-                       f"{failed} not injected" if failed else ""))
+                       f"{max(delays) * 1000:,.0f} ms" if delays else "no chunk after", ", ".join(notes)))
     counted = ("gap", "duplicate", "missing_terminal", "second_terminal", "after_terminal")
     other = {k: v for k, v in f["violation_kinds"].items() if k not in counted}
     out.append(Row(NAME, "other protocol violations", f"{sum(other.values()):,}",
