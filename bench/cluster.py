@@ -156,6 +156,8 @@ class Cluster:
 
     name: str
     keep_logs: bool = field(default_factory=lambda: bool(os.environ.get("TOKENRELAY_BENCH_KEEP_LOGS")))
+    redis_aof: bool = False
+    """Redis with its append-only file on, as compose runs it (survives `restart_redis`)."""
     tmp: Path = field(init=False)
     redis: Server = field(init=False)
     redis_url: str = field(init=False)
@@ -168,7 +170,7 @@ class Cluster:
     async def __aenter__(self) -> Cluster:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"tokenrelay-bench-{self.name}-"))
         port = embedded.free_port()
-        proc, log_path = await asyncio.to_thread(start_redis, port, self.tmp)
+        proc, log_path = await asyncio.to_thread(start_redis, port, self.tmp, self.redis_aof)
         self.redis = Server("redis", proc, log_path, port)
         self.redis_url = f"redis://127.0.0.1:{port}/0"
         return self
@@ -203,8 +205,9 @@ class Cluster:
             )
         return popen, log_path
 
-    def add_gateway(self, *extra: str) -> Server:
-        port = embedded.free_port()
+    def add_gateway(self, *extra: str, port: int | None = None) -> Server:
+        """A gateway on `port` (a restarted one keeps its port), else on a free port."""
+        port = port or embedded.free_port()
         name = f"gateway-{self.gateways_started}"
         self.gateways_started += 1
         popen, log_path = self._spawn(
@@ -224,6 +227,13 @@ class Cluster:
         server = Server(name, popen, log_path)
         self.workers.append(server)
         return server
+
+    async def restart_redis(self) -> None:
+        """Stop Redis as `docker compose restart` does (SIGTERM: it saves and exits), start it
+        again on the same port and data directory, and wait until it answers."""
+        await asyncio.to_thread(self.redis.stop)
+        proc, log_path = await asyncio.to_thread(start_redis, self.redis.port or 0, self.tmp, self.redis_aof)
+        self.redis = Server("redis", proc, log_path, self.redis.port)
 
     async def stop_gateway(self, gateway: Server) -> None:
         await asyncio.to_thread(gateway.stop)
@@ -367,13 +377,13 @@ def _cpu_or_zero(pid: int) -> float:
         return 0.0
 
 
-def start_redis(port: int, tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def start_redis(port: int, tmp: Path, persist: bool = False) -> tuple[subprocess.Popen[bytes], Path]:
     """`store.embedded.start`, with the server's output in a log file instead of ours."""
     directory = tmp / "redis"
     directory.mkdir(parents=True, exist_ok=True)
     log_path = tmp / "redis.log"
     with log_path.open("ab") as log:
-        proc = subprocess.Popen(embedded.server_command(port, directory), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(embedded.server_command(port, directory, persist), stdout=log, stderr=subprocess.STDOUT)
     try:
         embedded.wait_ready(port, proc=proc)
     except BaseException:

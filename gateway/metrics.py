@@ -47,4 +47,9 @@ PING_RTT = Histogram(
     buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
 )
 CLOSED = Counter("tokenrelay_gateway_closed_total", "Connections closed, by reason", ["reason"])
-RESYNCS = Counter("tokenrelay_gateway_log_resyncs_total", "Relays that re-read the message log")
+RESYNCS = Counter(
+    "tokenrelay_gateway_log_resyncs_total",
+    "Log re-reads relays asked for, by cause: start (attach or resume), gap (a push skipped a seq), "
+    "overflow (inbox full behind a slow client), idle (nothing heard for a while), reconnect (pub/sub back)",
+    ["cause"],
+)

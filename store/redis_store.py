@@ -91,6 +91,9 @@ earlier chunk is missing (resend in order)."""
 
 _SEQ_ZERO = '"seq":0'
 
+LOG_PAGE = 500
+"""Log entries per XRANGE: a 10,000-chunk log is never held, or sent by Redis, at once."""
+
 
 def split_at_seq(frame: str) -> tuple[str, str]:
     """A frame encoded with seq 0, split so that `head + str(seq) + tail` is the same frame
@@ -236,11 +239,25 @@ class Store:
             return None
         return _s(user), _s(state)
 
-    async def read_log(self, message_id: str, after_position: int) -> list[bytes]:
-        """Frames (UTF-8 JSON) at positions > `after_position`, in order."""
+    async def read_log_page(self, message_id: str, after_position: int, count: int) -> list[tuple[int, bytes]]:
+        """Up to `count` entries of a message's log at positions > `after_position`, in
+        order, as (position, frame). Long logs are read a page at a time, and a reader sees
+        a trimmed position as a jump in the positions."""
         async with guarded():
-            entries = await self.lean.call("XRANGE", keys.log(message_id), f"{after_position + 1}-0", "+")
-        return [fields[1] for _id, fields in entries]  # fields: [b"f", frame]
+            entries = await self.lean.call(
+                "XRANGE", keys.log(message_id), f"{after_position + 1}-0", "+", "COUNT", count
+            )
+        return [(int(entry_id[: entry_id.index(b"-")]), fields[1]) for entry_id, fields in entries]  # fields: [b"f", frame]
+
+    async def read_log(self, message_id: str, after_position: int) -> list[bytes]:
+        """Every frame (UTF-8 JSON) at positions > `after_position`, in order, read in pages."""
+        frames: list[bytes] = []
+        while True:
+            page = await self.read_log_page(message_id, after_position, LOG_PAGE)
+            frames.extend(frame for _position, frame in page)
+            if len(page) < LOG_PAGE:
+                return frames
+            after_position = page[-1][0]
 
     async def exists_many(self, names: Sequence[str]) -> list[bool]:
         """Which of these keys exist, in one round trip."""

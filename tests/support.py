@@ -58,21 +58,31 @@ async def wait_until(
 
 
 class Client:
-    """A WebSocket client that reads every frame into per-message logs."""
+    """A WebSocket client that reads every frame into per-message logs; `pause_reading`
+    makes it a client that stops reading (the server's sends then block on TCP)."""
 
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
         self.frames: list[dict[str, Any]] = []
         self._new = asyncio.Event()
+        self._reading = asyncio.Event()
+        self._reading.set()
         self._cancels_sent = 0
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
         with contextlib.suppress(Exception):
-            async for raw in self.ws:
-                self.frames.append(json.loads(raw))
+            while True:
+                await self._reading.wait()
+                self.frames.append(json.loads(await self.ws.recv()))
                 self._new.set()
         self._new.set()
+
+    def pause_reading(self) -> None:
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
 
     async def send(self, **message: Any) -> None:
         await self.ws.send(json.dumps(message))
@@ -136,6 +146,7 @@ class Client:
         return "".join(c["text"] for c in self.chunks(message_id))
 
     async def close(self) -> None:
+        self._reading.set()
         await self.ws.close()
         await asyncio.gather(self._reader, return_exceptions=True)
 

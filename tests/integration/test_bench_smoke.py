@@ -79,3 +79,20 @@ def test_pubsub_cost_quick(tmp_path: Path) -> None:
         assert figures[how]["messages"] == 2_000
         assert number(figures[how]["cpu_us_per_message"]) > 0
         assert number(figures[how]["latency"]["p99"]) > 0
+
+
+@pytest.mark.chaos
+def test_chaos_quick(tmp_path: Path) -> None:
+    """Every fault of the schedule is injected once under load and every figure is reported
+    (the goals are the benchmark's to judge, not this test's)."""
+    from bench.chaos import FAULTS
+
+    figures = run_bench("chaos", tmp_path, timeout_s=240)
+    assert figures["accepted"] > 0
+    assert [f["kind"] for f in figures["faults"]] == list(FAULTS)
+    assert [f["failed"] for f in figures["faults"]] == [""] * len(FAULTS)
+    for key in ("without_one_terminal", "unfinished_in_redis", "seq_gaps", "faults_without_recovery"):
+        assert number(figures[key]) >= 0
+    number(figures["recovery_ms"]["p99"])
+    for exit_ in figures["exits"]:
+        assert exit_["name"] and exit_["evidence"]

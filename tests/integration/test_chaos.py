@@ -259,30 +259,117 @@ async def test_redis_killed_and_restarted(chaos_cluster: ProcessCluster, private
     print(f"redis restart -> gateway healthy after {healthy_after:.2f}s; in-flight stream ended {end['type']}")
 
 
-async def test_poison_job_goes_to_dead_letter_after_three_deliveries(
-    private_redis: PrivateRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("TOKENRELAY_SYNTHETIC_CRASH_ON", "poison")
-    cluster = ProcessCluster(private_redis.url, tmp_path)
-    try:
-        gw = cluster.add_gateway()
-        cluster.add_worker(*synthetic())
-        await cluster.wait_healthy()
-        async with client(gw.port or 0, "alice") as a:
-            mid = await a.chat("s", "poison", max_tokens=10)
-            def ended_or_replace_dead_worker() -> bool:
-                if all(p.popen is None or p.popen.poll() is not None for p in cluster.workers):
-                    cluster.add_worker(*synthetic())
-                return any(f["type"] in TERMINALS for f in a.events(mid))
+class WriteStepper:
+    """Lets the cluster's Redis writes through one batch at a time, every worker stopped
+    (SIGSTOP) while a batch runs: `CLIENT PAUSE WRITE` holds each write that arrives; a step
+    stops the workers, releases what was held, pauses writes again, and returns the stopped
+    workers. Whatever a batch wrote (a CLAIM, a TAKEOVER) is then visible in Redis before the
+    worker that sent it can read the reply and act on it, so a test can kill the worker that
+    has just taken a job before it writes a single chunk of it."""
 
-            await wait_until(ended_or_replace_dead_worker, timeout=60)
-            end = a.events(mid)[-1]
-            assert end["type"] == "error" and end["code"] == "worker_lost" and end["seq"] == 0
-            dead = private_redis.client().xrange(keys.DEAD_STREAM)
-            assert len(dead) == 1 and int(dead[0][1][b"deliveries"]) == 4
-            deaths = sum(1 for p in cluster.workers if p.popen is not None and p.popen.poll() == -signal.SIGKILL)
-            assert deaths == 3
-            healthy = await a.chat("s2", "fine", max_tokens=3)
-            assert (await a.terminal(healthy, timeout=20))["type"] == "done"
-    finally:
-        cluster.stop()
+    PAUSE_MS = 60_000
+
+    def __init__(self, r: sync_redis.Redis, cluster: ProcessCluster) -> None:
+        self.r = r
+        self.cluster = cluster
+        self.own_id = r.client_id()
+
+    def pause(self) -> None:
+        self.r.execute_command("CLIENT", "PAUSE", self.PAUSE_MS, "WRITE")
+
+    def release(self) -> None:
+        self.r.execute_command("CLIENT", "UNPAUSE")
+        for proc in self.live_workers():
+            proc.signal(signal.SIGCONT)
+
+    def live_workers(self) -> list[Proc]:
+        return [p for p in self.cluster.workers if p.popen is not None and p.popen.poll() is None]
+
+    def writes_held(self) -> bool:
+        """Some client waits on the pause (a worker blocked in XREADGROUP waits on its stream)."""
+        return any(
+            "b" in c["flags"] and c["cmd"] != "xreadgroup" and int(c["id"]) != self.own_id
+            for c in self.r.client_list()
+        )
+
+    def step(self) -> list[Proc]:
+        stopped = self.live_workers()
+        for proc in stopped:
+            proc.signal(signal.SIGSTOP)
+        for proc in stopped:
+            assert proc.popen is not None
+            while _process_state(proc.popen.pid) not in "TtZX":
+                time.sleep(0.001)
+        self.r.execute_command("CLIENT", "UNPAUSE")
+        self.pause()
+        return stopped
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat (T: stopped; Z, X: dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return "X"
+    return stat[stat.rindex(")") + 2]
+
+
+def just_taken_by(r: sync_redis.Redis, workers: list[Proc]) -> Proc | None:
+    """The worker (among `workers`) that runs a message which has no chunk stored yet."""
+    by_pid = {p.popen.pid: p for p in workers if p.popen is not None}
+    for key in r.keys(keys.META_PREFIX + "*"):
+        state, last_seq, worker_id = r.hmget(key, ["state", "last_seq", "worker"])
+        if state == b"running" and last_seq == b"0" and worker_id is not None:
+            owner = by_pid.get(int(worker_id.decode().split("-")[-2]))
+            if owner is not None:
+                return owner
+    return None
+
+
+async def test_poison_job_goes_to_dead_letter_after_three_deliveries(
+    chaos_cluster: ProcessCluster, private_redis: PrivateRedis
+) -> None:
+    """A job whose worker dies before its first chunk, three times over (each worker is
+    killed right after it claims or takes over the job), is dead-lettered on its fourth
+    delivery and ends `worker_lost` at seq 0; the cluster keeps serving."""
+    gw = chaos_cluster.add_gateway()
+    chaos_cluster.add_worker(*synthetic())
+    await chaos_cluster.wait_healthy()
+    r = private_redis.client()
+    stepper = WriteStepper(r, chaos_cluster)
+    killed: list[Proc] = []
+
+    def kill_each_new_owner() -> bool:
+        if not stepper.writes_held():
+            return False
+        stopped = stepper.step()
+        owner = just_taken_by(r, stopped)
+        if owner is not None:
+            owner.signal(signal.SIGKILL)
+            assert owner.popen is not None
+            owner.popen.wait(t(10))
+            killed.append(owner)
+        for proc in stopped:
+            if proc is not owner:
+                proc.signal(signal.SIGCONT)
+        if not stepper.live_workers():
+            chaos_cluster.add_worker(*synthetic())
+        return len(killed) == 3
+
+    async with client(gw.port or 0, "alice") as a:
+        stepper.pause()
+        try:
+            await a.send(type="chat", session_id="s", text="poison", max_tokens=10)
+            await wait_until(kill_each_new_owner, timeout=60, interval=0.01)
+        finally:
+            stepper.release()
+        accepted = await a.wait_for(lambda f: f["type"] == "accepted")
+        mid = accepted["message_id"]
+        end = await a.terminal(mid, timeout=30)
+        assert end["type"] == "error" and end["code"] == "worker_lost" and end["seq"] == 0
+        assert a.chunks(mid) == []
+        dead = r.xrange(keys.DEAD_STREAM)
+        assert len(dead) == 1 and int(dead[0][1][b"deliveries"]) == 4
+        assert all(p.popen is not None and p.popen.returncode == -signal.SIGKILL for p in killed)
+        healthy = await a.chat("s2", "fine", max_tokens=3)
+        assert (await a.terminal(healthy, timeout=20))["type"] == "done"
