@@ -177,7 +177,7 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
     state = _STATE_OF[type(terminal)]
     ending = await finish_with_retry(
         services.store, services.worker_id, job.message_id, running.attempt,
-        state, seq, encode_text(terminal), "".join(chunks[: stored_seq - start_seq]),
+        state, seq, encode_text(terminal), "".join(chunks[: stored_seq - start_seq]), user=job.user,
     )
     match ending:
         case "not_ours":
@@ -207,6 +207,10 @@ async def finish_with_retry(
     seq: int,
     frame: str,
     text: str,
+    *,
+    user: str,
 ) -> Ending:
     """The terminal event must land: retried while Redis is unreachable."""
-    return await retry(lambda: store.finish(message_id, worker_id, attempt, state, seq, frame, text), "finish")
+    return await retry(
+        lambda: store.finish(message_id, worker_id, attempt, state, seq, frame, text, user=user), "finish"
+    )

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import redis.exceptions
 import structlog
 
-from protocol.jobs import job_decoder
+from protocol.jobs import Job, job_decoder
 from protocol.messages import Error, encode_text
 from store import Unavailable, keys
 from store.redis_store import CONNECTION_ERRORS
@@ -104,7 +104,7 @@ class Reaper:
         attempt, last_seq = taken
         if deliveries > self.max_deliveries:
             await redis_dead_letter(self.worker, fields, dead, deliveries)
-            await self._fail(entry_id, job.message_id, attempt, last_seq, "the job failed on every worker that took it")
+            await self._fail(entry_id, job, attempt, last_seq, "the job failed on every worker that took it")
             bound.error("dead_lettered", deliveries=deliveries)
             metrics.RECLAIMED.labels("dead_letter").inc()
         elif last_seq == 0:
@@ -112,14 +112,17 @@ class Reaper:
             metrics.RECLAIMED.labels("restarted").inc()
             self.worker.start_job(entry_id, job, attempt=attempt)
         else:
-            await self._fail(entry_id, job.message_id, attempt, last_seq, "the worker generating this answer died")
+            await self._fail(entry_id, job, attempt, last_seq, "the worker generating this answer died")
             bound.warning("reclaimed_worker_lost", last_seq=last_seq)
             metrics.RECLAIMED.labels("worker_lost").inc()
 
-    async def _fail(self, entry_id: bytes, message_id: str, attempt: int, seq: int, why: str) -> None:
+    async def _fail(self, entry_id: bytes, job: Job, attempt: int, seq: int, why: str) -> None:
+        message_id = job.message_id
         frame = encode_text(Error(code="worker_lost", message=why, message_id=message_id, seq=seq))
         text = await self.worker.store.partial_text(message_id)
-        await finish_with_retry(self.worker.store, self.worker.id, message_id, attempt, "error", seq, frame, text)
+        await finish_with_retry(
+            self.worker.store, self.worker.id, message_id, attempt, "error", seq, frame, text, user=job.user
+        )
         await self.worker.ack(entry_id)
 
     async def _sweep_consumers(self) -> None:

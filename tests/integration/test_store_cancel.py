@@ -53,7 +53,7 @@ async def log_frames(store: Store, mid: str) -> list[dict[str, object]]:
 
 async def finish_done(store: Store, mid: str, attempt: int, seq: int, text: str) -> str:
     frame = encode_text(Done(message_id=mid, seq=seq, finish_reason="length"))
-    return await store.finish(mid, WORKER, attempt, "done", seq, frame, text)
+    return await store.finish(mid, WORKER, attempt, "done", seq, frame, text, user="u")
 
 
 async def test_cancel_of_a_running_message_ends_it_at_its_last_stored_seq(store: Store) -> None:
