@@ -48,3 +48,8 @@ PING_RTT = Histogram(
 )
 CLOSED = Counter("tokenrelay_gateway_closed_total", "Connections closed, by reason", ["reason"])
 RESYNCS = Counter("tokenrelay_gateway_log_resyncs_total", "Relays that re-read the message log")
+REFUSED = Counter(
+    "tokenrelay_gateway_refusals_total",
+    "Handshakes, connections and requests refused by a limit of PROTOCOL.md's \"Security and limits\", by limit",
+    ["limit"],
+)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import socket
@@ -17,9 +18,12 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from gateway import metrics
-from gateway.connection import Connection
+from gateway.connection import CLOSE_TOKEN_EXPIRED, Connection
+from gateway.guards import exposure_problem
 from gateway.live import LiveHub
-from protocol.auth import verify_token
+from protocol.auth import Claims, check_secret, verify_claims
+from protocol.limits import LogThrottle, Quotas
+from protocol.origin import origin_allowed
 from protocol.validation import Limits
 from store import Unavailable, keys
 from store.redis_store import CONNECTION_ERRORS, Store, connect
@@ -34,7 +38,13 @@ class GatewayConfig:
     redis_url: str
     host: str = "127.0.0.1"
     port: int = 8000
-    auth_secret: str | None = None
+    auth_secret: str | None = field(default=None, repr=False)
+    """Signs users' tokens (at least 32 bytes). None: development mode, loopback only."""
+    insecure: bool = False
+    """Listen on a non-loopback address without an auth secret anyway (warned about)."""
+    allow_origins: tuple[str, ...] = ()
+    """Origins allowed besides the gateway's own (exact match; `*`: any)."""
+    quotas: Quotas = field(default_factory=Quotas)
     auth_timeout_s: float = 10.0
     default_max_tokens: int = 256
     limits: Limits = field(default_factory=Limits)
@@ -55,6 +65,13 @@ class GatewayConfig:
     of the benchmarks (the worker that polls the cancel key ends it)."""
     instance_id: str = field(default_factory=lambda: f"g-{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}")
 
+    def __post_init__(self) -> None:
+        if self.auth_secret is not None:
+            check_secret(self.auth_secret)
+        problem = exposure_problem(self.host, self.auth_secret is not None, self.insecure)
+        if problem is not None:
+            raise ValueError(problem)
+
 
 class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
@@ -67,10 +84,17 @@ class Gateway:
         self.server: Server | None = None
         self._port: int | None = None
         self._demo_page = resources.files("gateway").joinpath("static/index.html").read_text()
+        self._refusal_log = LogThrottle()
+        self._serials = itertools.count(1)
 
-    def verify(self, token: str) -> str:
+    def verify(self, token: str) -> Claims:
+        """A token's claims, or `AuthError`."""
         assert self.config.auth_secret is not None
-        return verify_token(self.config.auth_secret, token, time.time())
+        return verify_claims(self.config.auth_secret, token, time.time())
+
+    def connection_name(self) -> str:
+        """A name for a new connection, unique across gateways (its per-user slot)."""
+        return f"{self.id}:{next(self._serials)}"
 
     @property
     def port(self) -> int:
@@ -81,7 +105,14 @@ class Gateway:
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         structlog.contextvars.bind_contextvars(gateway_id=self.id)
         if self.config.auth_secret is None:
-            log.warning("auth_disabled", hint="set --auth-secret to require signed tokens")
+            log.warning("auth_disabled", hint="set TOKENRELAY_AUTH_SECRET or --auth-secret-file to require signed tokens")
+            if self.config.insecure:
+                log.warning(
+                    "INSECURE_OPEN_GATEWAY",
+                    host=self.config.host,
+                    warning="no auth secret on a non-loopback address: anyone who can reach this port "
+                    "can act as any user (--insecure)",
+                )
         self.hub.start()
         c = self.config
         async with serve(
@@ -102,7 +133,7 @@ class Gateway:
             background = [
                 spawn(self._refresh_leases(), "leases", stop),
                 spawn(self._beat(), "beat", stop),
-                spawn(self._close_slow_clients(), "slow-clients", stop),
+                spawn(self._sweep_connections(), "sweep", stop),
             ]
             log.info("gateway_listening", host=c.host, port=self.port)
             if ready is not None:
@@ -140,7 +171,7 @@ class Gateway:
     async def _http(self, ws: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == "/ws":
-            return None
+            return self._check_origin(ws, request)
         if path == "/healthz":
             try:
                 await asyncio.wait_for(self.store.ping(), timeout=1.0)
@@ -162,18 +193,41 @@ class Gateway:
             return response
         return ws.respond(HTTPStatus.NOT_FOUND, "not found\n")
 
-    async def _close_slow_clients(self) -> None:
-        """One sweep for all connections instead of a timer per frame sent."""
+    def _check_origin(self, ws: ServerConnection, request: Request) -> Response | None:
+        """None to go on with the handshake, or 403 for an origin that is not allowed."""
+        headers = request.headers
+        origins, hosts = headers.get_all("Origin"), headers.get_all("Host")
+        if len(origins) <= 1 and len(hosts) <= 1 and origin_allowed(
+            origins[0] if origins else None,
+            hosts[0] if hosts else None,
+            self.config.allow_origins,
+            headers.get_all("X-Forwarded-Proto")[0] if "X-Forwarded-Proto" in headers else None,
+        ):
+            return None
+        metrics.REFUSED.labels("origin").inc()
+        if count := self._refusal_log.note("origin", time.monotonic()):
+            log.warning("origin_refused", origin=origins[:1], host=hosts[:1], refusals=count)
+        return ws.respond(HTTPStatus.FORBIDDEN, "this origin may not open a WebSocket here (see --allow-origin)\n")
+
+    async def _sweep_connections(self) -> None:
+        """One sweep for all connections instead of a timer per frame sent or per token:
+        closes those whose client stopped reading (4008) or whose token expired (4001)."""
         period = min(1.0, self.config.slow_client_timeout_s / 4)
-        slow: set[asyncio.Task[None]] = set()
+        closing: set[asyncio.Task[None]] = set()
         while True:
             await asyncio.sleep(period)
-            now = time.monotonic()
+            now, wall = time.monotonic(), time.time()
             for conn in list(self.connections):
-                if conn.channel.stalled(now) and not conn.channel.closed_slow:
+                if conn.channel.closed_slow or conn.closing:
+                    continue
+                if conn.channel.stalled(now):
                     task = spawn(conn.close_slow(), "close-slow")
-                    slow.add(task)
-                    task.add_done_callback(slow.discard)
+                elif conn.expires_at is not None and wall > conn.expires_at:
+                    task = spawn(conn.close(CLOSE_TOKEN_EXPIRED, "token expired", "token_expired"), "close-expired")
+                else:
+                    continue
+                closing.add(task)
+                task.add_done_callback(closing.discard)
 
     async def _refresh_leases(self) -> None:
         """Keep the attach lease of every watched message alive (see detach grace)."""
@@ -187,10 +241,18 @@ class Gateway:
                 log.warning("lease_refresh_failed", error=str(exc))
 
     async def _beat(self) -> None:
+        lapse_ms = self.config.lifetimes.instance_ttl_s * 1000
         while True:
+            slots: dict[str, list[str]] = {}
             for conn in self.connections:
                 if conn.ws.latency:
                     metrics.PING_RTT.observe(conn.ws.latency)
+                if conn.slot is not None:
+                    slots.setdefault(conn.slot[0], []).append(conn.slot[1])
+            try:
+                await self.store.renew_connections(slots, int(time.time() * 1000), lapse_ms)
+            except Unavailable as exc:
+                log.warning("connection_slots_renewal_failed", error=str(exc))
             try:
                 async with self.store.redis.pipeline(transaction=False) as pipe:
                     key = keys.instance("gateway", self.id)

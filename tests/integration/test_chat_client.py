@@ -29,6 +29,7 @@ from worker.engines.synthetic import WORDS, SyntheticEngine
 
 WORD_RE = re.compile(r"\b(?:" + "|".join(WORDS) + r")\b")
 CHROMIUM = Path("/usr/bin/chromium")
+SECRET = "test-secret-of-at-least-32-bytes-0123456789"
 
 
 class Cli:
@@ -171,8 +172,8 @@ async def test_history_and_clear_commands(redis_url: str) -> None:
 
 
 async def test_token_auth(redis_url: str) -> None:
-    async with gateway(redis_url, auth_secret="sekrit") as gw, worker(redis_url):
-        token = mint_token("sekrit", "carol", time.time(), 600)
+    async with gateway(redis_url, auth_secret=SECRET) as gw, worker(redis_url):
+        token = mint_token(SECRET, "carol", time.time(), 600)
         async with cli("--url", url(gw.port), "--token", token, "--max-tokens", "2", "hi") as p:
             rc, out, err = await p.finish()
         assert rc == 0 and len(out.split()) == 2, (out, err)
