@@ -120,6 +120,7 @@ class Connection:
         self.slot: tuple[str, str] | None = None
         """(user, name) of the connection slot this connection holds, if any."""
         self.closing = False
+        self._closer: asyncio.Task[None] | None = None
         q = gateway.config.quotas
         now = time.monotonic()
         self._buckets = {
@@ -132,12 +133,14 @@ class Connection:
     # --- sending ------------------------------------------------------------------------
 
     async def close(self, code: int, reason: str, counted_as: str) -> None:
-        """Close the connection once (a second close is a no-op)."""
+        """Start closing the connection (once). The close handshake runs in its own task
+        while the reader drains and drops what the client still sends: a reader waiting
+        for the client's close frame would leave it stuck behind a full receive queue."""
         if self.closing:
             return
         self.closing = True
         metrics.CLOSED.labels(counted_as).inc()
-        await self.ws.close(code, reason)
+        self._closer = spawn(self.ws.close(code, reason), "close")
 
     async def close_slow(self) -> None:
         """Close with 4008. The close frame queues behind the unread data; a client that
@@ -190,13 +193,16 @@ class Connection:
                 return
             self.authenticated = True
             async for raw in self.ws:
-                await self._on_frame(raw)
+                if not self.closing:
+                    await self._on_frame(raw)
         except (ConnectionClosed, SlowConsumer):
             pass
         finally:
             await cancel_all([dispatcher])
             await self._detach()
             await self._release_slot()
+            if self._closer is not None:
+                await asyncio.wait([self._closer])
 
     async def _authenticate(self) -> bool:
         """With a secret: the first message must be `auth` with a valid token, within the
@@ -322,30 +328,37 @@ class Connection:
             await self.reply(AuthOk(user=self.user))
 
     async def _dispatch(self) -> None:
-        while True:
-            message = await self.requests.get()
-            try:
-                match message:
-                    case Chat():
-                        await requests.chat(self, message)
-                    case Cancel():
-                        await requests.cancel(self, message)
-                    case Resume():
-                        await requests.resume(self, message)
-                    case History(session_id=sid):
-                        turns = await self.gw.store.history(self.user, sid)
-                        await self.reply(HistoryReply(session_id=sid, turns=turns))
-                    case ClearHistory(session_id=sid):
-                        await self.gw.store.clear_history(self.user, sid)
-                        await self.reply(HistoryCleared(session_id=sid))
-            except Unavailable as exc:
-                log.warning("redis_unavailable", error=str(exc))
-                await self.error("unavailable", "the message store is unreachable; try again shortly", _rid(message))
-            except (ConnectionClosed, SlowConsumer):
-                raise
-            except Exception:
-                log.exception("request_failed", request=type(message).__name__)
-                await self.error("internal", "the gateway failed to handle this request", _rid(message))
+        """Handle requests in order until the connection is gone (the reader's end then
+        cleans up: a reply to a closed connection is no crash)."""
+        try:
+            while True:
+                await self._handle(await self.requests.get())
+        except (ConnectionClosed, SlowConsumer):
+            return
+
+    async def _handle(self, message: ClientMessage) -> None:
+        try:
+            match message:
+                case Chat():
+                    await requests.chat(self, message)
+                case Cancel():
+                    await requests.cancel(self, message)
+                case Resume():
+                    await requests.resume(self, message)
+                case History(session_id=sid):
+                    turns = await self.gw.store.history(self.user, sid)
+                    await self.reply(HistoryReply(session_id=sid, turns=turns))
+                case ClearHistory(session_id=sid):
+                    await self.gw.store.clear_history(self.user, sid)
+                    await self.reply(HistoryCleared(session_id=sid))
+        except Unavailable as exc:
+            log.warning("redis_unavailable", error=str(exc))
+            await self.error("unavailable", "the message store is unreachable; try again shortly", _rid(message))
+        except (ConnectionClosed, SlowConsumer):
+            raise
+        except Exception:
+            log.exception("request_failed", request=type(message).__name__)
+            await self.error("internal", "the gateway failed to handle this request", _rid(message))
 
     # --- relays -------------------------------------------------------------------------
 

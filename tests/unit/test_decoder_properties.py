@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from typing import Any
 
 import msgspec
@@ -26,36 +27,10 @@ from protocol.messages import (
     Resume,
     encode_text,
 )
-from protocol.validation import KNOWN_TYPES, Limits, decode_client
+from protocol.validation import decode_client
+from tests.fuzzing import FIELDS, LIMITS, hostile, json_values, message_like, mutate, valid_messages
 
-LIMITS = Limits()
-FIELDS = ["type", "session_id", "text", "request_id", "max_tokens", "message_id", "after_seq", "ts", "token", "user"]
-
-json_scalars = (
-    st.none() | st.booleans() | st.integers() | st.integers(min_value=-(2**200), max_value=2**200)
-    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=50)
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=20,
-)
-message_like = st.fixed_dictionaries(
-    {}, optional={name: json_values | st.sampled_from(KNOWN_TYPES + ("fly", "")) for name in FIELDS}
-) | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), json_values, max_size=6)
-
-session_ids = st.from_regex(r"\A[A-Za-z0-9_.:\-]{1,128}\Z")
-valid_messages: st.SearchStrategy[ClientMessage] = st.one_of(
-    st.builds(Chat, session_id=session_ids, text=st.text(min_size=1, max_size=200),
-              request_id=st.none() | st.text(min_size=1, max_size=128),
-              max_tokens=st.none() | st.integers(1, LIMITS.max_tokens)),
-    st.builds(Cancel, message_id=st.none() | st.text(min_size=1, max_size=64), session_id=st.none() | session_ids),
-    st.builds(Resume, message_id=st.text(min_size=1, max_size=64), after_seq=st.integers(0, 2**63 - 1)),
-    st.builds(Heartbeat, ts=st.none() | st.floats(allow_nan=False, allow_infinity=False)),
-    st.builds(History, session_id=session_ids),
-    st.builds(ClearHistory, session_id=session_ids),
-    st.builds(Auth, token=st.none() | st.text(max_size=100), user=st.none() | st.from_regex(r"\A[A-Za-z0-9_.@\-]{1,64}\Z")),
-)
+VALID = valid_messages()
 
 
 def check(frame: str | bytes) -> ClientMessage | BadRequest:
@@ -102,20 +77,20 @@ def test_binary_frames_are_bad_request(frame: bytes) -> None:
 
 
 @settings(max_examples=1000)
-@given(message_like)
+@given(message_like())
 def test_any_json_object_is_a_message_or_bad_request(obj: dict[str, Any]) -> None:
     check(json.dumps(obj, allow_nan=True))
 
 
 @settings(max_examples=500)
-@given(valid_messages)
+@given(VALID)
 def test_valid_messages_come_back_unchanged(message: ClientMessage) -> None:
     decoded = check(encode_text(message))
     assert decoded == message
 
 
 @settings(max_examples=300)
-@given(valid_messages, st.text(min_size=1, max_size=10), json_values)
+@given(VALID, st.text(min_size=1, max_size=10), json_values)
 def test_an_unknown_field_is_bad_request(message: ClientMessage, name: str, value: Any) -> None:
     obj = msgspec.json.decode(encode_text(message))
     if name in obj or name in FIELDS:
@@ -125,22 +100,10 @@ def test_an_unknown_field_is_bad_request(message: ClientMessage, name: str, valu
 
 
 @settings(max_examples=300)
-@given(valid_messages, st.data())
-def test_mutated_frames_are_a_message_or_bad_request(message: ClientMessage, data: st.DataObject) -> None:
-    frame = bytearray(encode_text(message).encode())
-    for _ in range(data.draw(st.integers(1, 4))):
-        where = data.draw(st.integers(0, len(frame)))
-        match data.draw(st.sampled_from(["flip", "cut", "insert", "duplicate"])):
-            case "flip" if where < len(frame):
-                frame[where] ^= data.draw(st.integers(1, 255))
-            case "cut":
-                del frame[where:]
-            case "insert":
-                frame[where:where] = data.draw(st.binary(min_size=1, max_size=8))
-            case "duplicate":
-                frame[where:where] = frame[:where]
-    text = bytes(frame).decode("utf-8", errors="replace")  # a WebSocket text frame is valid UTF-8
-    check(text)
+@given(VALID, st.integers(0, 2**32))
+def test_mutated_frames_are_a_message_or_bad_request(message: ClientMessage, seed: int) -> None:
+    frame = mutate(encode_text(message).encode(), random.Random(seed))
+    check(frame.decode("utf-8", errors="replace"))  # a WebSocket text frame is valid UTF-8
 
 
 @given(st.integers(1, 200_000), st.sampled_from(["[", "{\"a\":", "{\"type\":\"chat\",\"x\":["]))
@@ -160,3 +123,11 @@ def test_huge_numbers_nan_and_lone_surrogates_are_bad_request() -> None:
         '{"type":"auth","user":"alice\\n"}',
     ):
         assert isinstance(check(frame), BadRequest), frame
+
+
+def test_hostile_shapes_are_bad_request_or_a_harmless_message() -> None:
+    rng = random.Random(15)
+    results = [check(hostile(rng, 64 * 1024)) for _ in range(300)]
+    harmless = [r for r in results if not isinstance(r, BadRequest)]
+    assert all(r == Chat(session_id="s", text="\x00") or r == Heartbeat(ts=0.0) for r in harmless), harmless
+    assert len(harmless) < len(results) / 5
