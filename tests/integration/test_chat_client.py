@@ -322,3 +322,31 @@ async def test_demo_page_streams_stops_and_shows_history_in_a_browser(redis_url:
         async with client(gw.port, "alice") as c:
             history = await c.request(type="history", session_id="web-test")
         assert [turn["status"] for turn in history["turns"]] == ["complete", "complete", "complete", "cancelled"]
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (not installed by the tests)")
+async def test_demo_page_asks_for_a_new_token_after_4001_and_resumes(redis_url: str) -> None:
+    async with gateway(redis_url, auth_secret=SECRET) as gw, worker(redis_url, engines=[SyntheticEngine(rate=20.0)] * 4):
+        async with browser() as b:
+            await b.call("Page.enable")
+            await b.call("Page.navigate", url=f"http://127.0.0.1:{gw.port}/")
+            await b.until("document.getElementById('token')")
+            short = mint_token(SECRET, "carol", time.time(), 3)
+            await b.js(f"""document.getElementById('token').value = '{short}';
+                           document.getElementById('session').value = 'web-expiry';
+                           document.querySelector('#settings button').click()""")
+            await b.until("document.getElementById('conn').textContent === 'connected as carol'")
+            await b.js("""document.getElementById('max-tokens').value = '100';
+                          document.getElementById('text').value = 'a long one';
+                          document.getElementById('send').click()""")
+            await b.until("document.getElementById('conn').textContent === 'token expired'", timeout=20)
+            assert "paste a new token" in await b.js("document.getElementById('status').textContent")
+            assert await b.js("document.getElementById('token').value") == ""
+            assert not await b.js("document.querySelector('.turn.assistant.done')"), "expired mid-answer"
+
+            fresh = mint_token(SECRET, "carol", time.time(), 600)
+            await b.js(f"""document.getElementById('token').value = '{fresh}';
+                           document.querySelector('#settings button').click()""")
+            await b.until("document.querySelector('.turn.assistant.done')", timeout=30)
+            text = await b.js("document.querySelector('.turn.assistant .body').textContent")
+            assert len(text.split()) == 100, text
