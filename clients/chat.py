@@ -510,7 +510,8 @@ def parser() -> argparse.ArgumentParser:
                         help="a token from `python -m gateway token` (once it expires the client stops)")
     tokens.add_argument("--token-file", metavar="PATH", help="read the token from this file, again after it expires")
     tokens.add_argument("--secret-file", metavar="PATH",
-                        help=f"the auth secret (default: ${SECRET_ENV}): mint tokens for --user, new ones as they expire")
+                        help=f"the auth secret (default: ${SECRET_ENV}): mint tokens for --user, "
+                        "new ones as they expire")
     p.add_argument("--token-ttl", type=positive_int, default=DEFAULT_TTL_S, help="lifetime of minted tokens, seconds")
     p.add_argument("--session", default=f"cli-{uuid.uuid4().hex[:8]}", help="session id (default: a random one)")
     p.add_argument("--max-tokens", type=positive_int, help="answer length limit (default: the gateway's)")

@@ -278,8 +278,9 @@ class Connection:
             await self.error("bad_request", str(exc), request_id=exc.request_id)
             return
         metrics.MESSAGES_IN.labels(type(message).__name__.lower()).inc()
-        if not self.user_fixed and not isinstance(message, Auth) and not await self._settle("anonymous", None, answer=False):
-            return
+        if not self.user_fixed and not isinstance(message, Auth):  # development mode: no auth, anonymous
+            if not await self._settle("anonymous", None, answer=False):
+                return
         bucket = bucket_of(message)
         if bucket is not None and (wait := self._buckets[bucket].take(time.monotonic())):
             await self.rate_limited(f"{bucket}_rate", BUCKET_TEXT[bucket], retry_after_ms(wait), _rid(message))

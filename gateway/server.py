@@ -105,7 +105,8 @@ class Gateway:
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         structlog.contextvars.bind_contextvars(gateway_id=self.id)
         if self.config.auth_secret is None:
-            log.warning("auth_disabled", hint="set TOKENRELAY_AUTH_SECRET or --auth-secret-file to require signed tokens")
+            log.warning("auth_disabled",
+                        hint="set TOKENRELAY_AUTH_SECRET or --auth-secret-file to require signed tokens")
             if self.config.insecure:
                 log.warning(
                     "INSECURE_OPEN_GATEWAY",

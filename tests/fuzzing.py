@@ -86,7 +86,8 @@ def hostile(rng: random.Random, max_frame: int) -> str | bytes:
         lambda: '{"type":"heartbeat","ts":' + rng.choice(["NaN", "Infinity", "-Infinity", "1e999", "-0", number]) + "}",
         lambda: '{"type":"chat","session_id":"s","text":"' + rng.choice(["\\ud800", "\\udfff", "\\u0000"]) + '"}',
         lambda: '{"type":"' + rng.choice(["fly", "", "CHAT", "chat ", "auth\\u0000"]) + '"}',
-        lambda: '{"type":"chat","session_id":' + rng.choice(["1", "null", "[]", "{}", "true", '"a b"', '"s\\n"']) + ',"text":"x"}',
+        lambda: '{"type":"chat","session_id":' + rng.choice(["1", "null", "[]", "{}", "true", '"a b"', '"s\\n"'])
+        + ',"text":"x"}',
         lambda: '{"type":"cancel","message_id":' + rng.choice(["1", "[]", '""', '"' + "m" * 65 + '"']) + "}",
         lambda: b'{"type":"chat","session_id":"s","text":"\xff\xfe"}',
         lambda: "x" * rng.randint(max_frame + 1, 2 * max_frame),

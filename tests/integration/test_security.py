@@ -82,7 +82,8 @@ async def start(cluster: ProcessCluster, gateways: int, *extra: str, workers: in
 
 
 async def test_a_foreign_origin_gets_403_before_any_frame(process_cluster: ProcessCluster) -> None:
-    plain, allowing = (process_cluster.add_gateway(), process_cluster.add_gateway("--allow-origin", "https://app.example"))
+    plain = process_cluster.add_gateway()
+    allowing = process_cluster.add_gateway("--allow-origin", "https://app.example")
     anything = process_cluster.add_gateway("--allow-origin", "*")
     await process_cluster.wait_healthy()
     for gw in (plain, allowing, anything):
