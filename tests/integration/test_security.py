@@ -83,7 +83,8 @@ async def start(cluster: ProcessCluster, gateways: int, *extra: str, workers: in
 
 async def test_a_foreign_origin_gets_403_before_any_frame(process_cluster: ProcessCluster) -> None:
     plain = process_cluster.add_gateway()
-    allowing = process_cluster.add_gateway("--allow-origin", "https://app.example")
+    allowing = process_cluster.add_gateway("--allow-origin", "https://app.example",
+                                           "--allow-origin", "http://other.example:3000")
     anything = process_cluster.add_gateway("--allow-origin", "*")
     await process_cluster.wait_healthy()
     for gw in (plain, allowing, anything):
@@ -97,8 +98,9 @@ async def test_a_foreign_origin_gets_403_before_any_frame(process_cluster: Proce
         with pytest.raises(InvalidStatus) as refused:
             await connect(f"ws://127.0.0.1:{gw.port}/ws", origin=origin)  # type: ignore[arg-type]
         assert refused.value.response.status_code == 403, origin
-    async with ws_client(allowing.port or 0, origin="https://app.example") as c:  # type: ignore[arg-type]
-        assert (await c.request(type="heartbeat"))["type"] == "heartbeat_ack"
+    for origin in ("https://app.example", "http://other.example:3000"):  # --allow-origin is repeatable
+        async with ws_client(allowing.port or 0, origin=origin) as c:  # type: ignore[arg-type]
+            assert (await c.request(type="heartbeat"))["type"] == "heartbeat_ack"
     async with ws_client(anything.port or 0, origin="http://evil.example") as c:  # type: ignore[arg-type]
         assert (await c.request(type="heartbeat"))["type"] == "heartbeat_ack"
     assert await refusals([plain.port or 0], "origin") == 3
@@ -144,7 +146,8 @@ def test_host_0_0_0_0_without_a_secret_exits_non_zero_naming_auth_secret(redis_u
 def test_a_short_secret_is_refused_saying_how_to_make_one(redis_url: str, tmp_path: Path) -> None:
     short = tmp_path / "short"
     short.write_text("too-short\n")
-    for args, env in ((["--auth-secret-file", str(short)], None), ([], {"TOKENRELAY_AUTH_SECRET": "x" * 31})):
+    for args, env in ((["--auth-secret-file", str(short)], None), ([], {"TOKENRELAY_AUTH_SECRET": "x" * 31}),
+                      (["--auth-secret", "x" * 31], None)):
         done = run_gateway("--port", str(free_port()), "--redis-url", redis_url, *args, env=env)
         assert done.returncode != 0 and "at least 32" in done.stderr and "token_urlsafe" in done.stderr, done.stderr
     done = run_gateway("token", "--user", "alice", "--secret-file", str(short))
@@ -178,6 +181,23 @@ async def test_an_open_gateway_starts_with_a_secret_from_a_file_or_the_environme
 
 
 # --- tokens: expiry and refresh --------------------------------------------------------------------
+
+
+def test_the_token_command_mints_a_1_hour_token_from_a_flag_a_file_or_the_environment(tmp_path: Path) -> None:
+    from protocol.auth import verify_claims
+
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")
+    for args, env in ((["--secret", SECRET], None), (["--secret-file", str(secret_file)], None),
+                      ([], {"TOKENRELAY_AUTH_SECRET": SECRET})):
+        before = time.time()
+        done = run_gateway("token", "--user", "alice", *args, env=env)
+        assert done.returncode == 0, done.stderr
+        claims = verify_claims(SECRET, done.stdout.strip(), time.time())
+        assert claims.user == "alice" and int(before) + 3600 <= claims.exp <= time.time() + 3600
+    done = run_gateway("token", "--user", "alice", "--secret", SECRET, "--ttl", "5")
+    assert verify_claims(SECRET, done.stdout.strip(), time.time()).exp <= time.time() + 5
+    assert run_gateway("token", "--user", "alice").returncode != 0, "no secret, no token"
 
 
 async def token_client(port: int, token: str) -> tuple[Client, dict[str, Any]]:
@@ -278,6 +298,9 @@ async def test_12_concurrent_chats_of_one_user_get_8_accepted_and_4_rate_limited
         for r in refused:
             assert r["code"] == "rate_limited" and r["retry_after_ms"] > 0 and "8 generations" in r["message"]
         assert await refusals([gw_a, gw_b], "generations") == 4
+        for n, r in enumerate(replies):  # a refused chat starts nothing
+            if r["type"] == "error":
+                assert (await alice[0].request(type="history", session_id=f"s{n}"))["turns"] == []
 
         mid = await bob.chat("b", max_tokens=3)  # another user is unaffected
         assert (await bob.terminal(mid))["type"] == "done"
