@@ -73,8 +73,11 @@ async def test_through_nginx_the_page_origin_is_allowed_and_a_handshake_flood_ge
             await ws.close()
             return 101
 
+        started = asyncio.get_running_loop().time()
         statuses = await asyncio.gather(*(handshake() for _ in range(80)))
-        assert set(statuses) == {101, 429} and statuses.count(101) <= 45, statuses
+        elapsed = asyncio.get_running_loop().time() - started
+        assert set(statuses) == {101, 429}, statuses  # burst 40 (2 taken above), then 10 a second
+        assert 30 <= statuses.count(101) <= 41 + 10 * elapsed, (statuses.count(101), elapsed)
     finally:
         nginx.terminate()
         await nginx.wait()
