@@ -8,6 +8,7 @@ import base64
 import contextlib
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -186,32 +187,32 @@ async def test_an_expired_token_is_minted_again_and_the_answer_resumes(redis_url
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET)
     async with gateway(redis_url, auth_secret=SECRET) as gw, worker(redis_url, [SyntheticEngine(rate=20.0)] * 4):
-        args = ("--url", url(gw.port), "--user", "carol", "--secret-file", str(secret_file), "--token-ttl", "2")
-        async with cli(*args, "--max-tokens", "80", "hi") as p:
+        args = ("--url", url(gw.port), "--user", "carol", "--secret-file", str(secret_file), "--token-ttl", "3")
+        async with cli(*args, "--max-tokens", "120", "hi") as p:
             rc, out, err = await p.finish(timeout=40)
     assert rc == 0, (out, err)
     assert "token expired" in err, err
-    assert len(out.split()) == 80, out
+    assert len(out.split()) == 120, out
 
 
 async def test_an_expired_token_is_read_again_from_the_token_file(redis_url: str, tmp_path: Path) -> None:
     token_file = tmp_path / "token"
-    token_file.write_text(mint_token(SECRET, "carol", time.time(), 2) + "\n")
     async with gateway(redis_url, auth_secret=SECRET) as gw, worker(redis_url, [SyntheticEngine(rate=20.0)] * 4):
-        async with cli("--url", url(gw.port), "--token-file", str(token_file), "--max-tokens", "80", "hi") as p:
+        token_file.write_text(mint_token(SECRET, "carol", time.time(), 4) + "\n")
+        async with cli("--url", url(gw.port), "--token-file", str(token_file), "--max-tokens", "160", "hi") as p:
             await p.until(lambda out: len(out.split()) >= 2)
             token_file.write_text(mint_token(SECRET, "carol", time.time(), 600))
             rc, out, err = await p.finish(timeout=40)
     assert rc == 0, (out, err)
     assert "token expired" in err, err
-    assert len(out.split()) == 80, out
+    assert len(out.split()) == 160, out
 
 
 async def test_an_expired_bare_token_stops_the_client_saying_what_to_do(redis_url: str) -> None:
     async with gateway(redis_url, auth_secret=SECRET) as gw, worker(redis_url, [SyntheticEngine(rate=20.0)] * 4):
-        token = mint_token(SECRET, "carol", time.time(), 4)
-        async with cli("--url", url(gw.port), "--token", token, "--max-tokens", "200", "hi") as p:
-            rc, out, err = await p.finish(timeout=20)
+        token = mint_token(SECRET, "carol", time.time(), 5)
+        async with cli("--url", url(gw.port), "--token", token, "--max-tokens", "300", "hi") as p:
+            rc, out, err = await p.finish(timeout=30)
     assert rc == 1 and "--token-file" in err and out.split(), (out, err)
 
 
@@ -331,7 +332,7 @@ async def test_demo_page_asks_for_a_new_token_after_4001_and_resumes(redis_url: 
             await b.call("Page.enable")
             await b.call("Page.navigate", url=f"http://127.0.0.1:{gw.port}/")
             await b.until("document.getElementById('token')")
-            short = mint_token(SECRET, "carol", time.time(), 3)
+            short = mint_token(SECRET, "carol", math.ceil(time.time()), 3)  # 3 to 4 seconds
             await b.js(f"""document.getElementById('token').value = '{short}';
                            document.getElementById('session').value = 'web-expiry';
                            document.querySelector('#settings button').click()""")
