@@ -64,32 +64,32 @@ def assert_within_bounds(message: ClientMessage) -> None:
             assert user is None or USER_RE.fullmatch(user)
 
 
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 @given(st.text(max_size=300))
 def test_any_text_is_a_message_or_bad_request(frame: str) -> None:
     check(frame)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_binary_frames_are_bad_request(frame: bytes) -> None:
     assert isinstance(check(frame), BadRequest)
 
 
-@settings(max_examples=1000)
+@settings(max_examples=1000, deadline=None)
 @given(message_like())
 def test_any_json_object_is_a_message_or_bad_request(obj: dict[str, Any]) -> None:
     check(json.dumps(obj, allow_nan=True))
 
 
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 @given(VALID)
 def test_valid_messages_come_back_unchanged(message: ClientMessage) -> None:
     decoded = check(encode_text(message))
     assert decoded == message
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(VALID, st.text(min_size=1, max_size=10), json_values)
 def test_an_unknown_field_is_bad_request(message: ClientMessage, name: str, value: Any) -> None:
     obj = msgspec.json.decode(encode_text(message))
@@ -99,7 +99,7 @@ def test_an_unknown_field_is_bad_request(message: ClientMessage, name: str, valu
     assert isinstance(check(json.dumps(obj)), BadRequest)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(VALID, st.integers(0, 2**32))
 def test_mutated_frames_are_a_message_or_bad_request(message: ClientMessage, seed: int) -> None:
     frame = mutate(encode_text(message).encode(), random.Random(seed))
@@ -107,7 +107,7 @@ def test_mutated_frames_are_a_message_or_bad_request(message: ClientMessage, see
 
 
 @given(st.integers(1, 200_000), st.sampled_from(["[", "{\"a\":", "{\"type\":\"chat\",\"x\":["]))
-@settings(max_examples=30)
+@settings(max_examples=30, deadline=None)
 def test_deep_nesting_is_bad_request(depth: int, opener: str) -> None:
     assert isinstance(check(opener * depth), BadRequest)
 
