@@ -76,7 +76,7 @@ def test_binary_frames_are_bad_request(frame: bytes) -> None:
     assert isinstance(check(frame), BadRequest)
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(message_like())
 def test_any_json_object_is_a_message_or_bad_request(obj: dict[str, Any]) -> None:
     check(json.dumps(obj, allow_nan=True))
