@@ -32,7 +32,7 @@ async def _session(store: Store, session: int, count: int, prompt: str) -> None:
         assert (await store.submit(job)).outcome == "ok"
         claimed = await store.claim(mid, WORKER, 0)
         assert claimed is not None
-        await store.finish(mid, WORKER, claimed[0], Done(message_id=mid, seq=0, finish_reason="length"), "")
+        await store.finish(mid, WORKER, claimed[0], Done(message_id=mid, seq=0, finish_reason="length"), "", user="u")
 
 
 async def _measure(quick: bool) -> dict[str, Any]:

@@ -53,3 +53,8 @@ RESYNCS = Counter(
     "overflow (inbox full behind a slow client), idle (nothing heard for a while), reconnect (pub/sub back)",
     ["cause"],
 )
+REFUSED = Counter(
+    "tokenrelay_gateway_refusals_total",
+    "Handshakes, connections and requests refused by a limit of PROTOCOL.md's \"Security and limits\", by limit",
+    ["limit"],
+)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import TYPE_CHECKING
 
 import structlog
 
 from gateway import metrics
+from protocol.ids import is_message_id, new_message_id
 from protocol.jobs import Job
 from protocol.messages import Accepted, Cancel, CancelResult, CancelStatus, Chat, Resume
 from store import Unavailable
@@ -16,14 +16,14 @@ from store import Unavailable
 if TYPE_CHECKING:
     from gateway.connection import Connection
 
+__all__ = ["cancel", "chat", "new_message_id", "resume", "tell_worker"]
+
 log = structlog.get_logger("gateway.requests")
 
 SUPERSEDE_ATTEMPTS = 4
-
-
-def new_message_id() -> str:
-    """Time-ordered and unguessable: milliseconds in hex, then 64 random bits."""
-    return f"m{int(time.time() * 1000):011x}{os.urandom(8).hex()}"
+GENERATIONS_RETRY_MS = 1_000
+"""`retry_after_ms` of a chat refused for the user's concurrent generations: one of them
+has to end first, which no clock foretells."""
 
 
 async def chat(conn: Connection, message: Chat) -> None:
@@ -40,8 +40,9 @@ async def chat(conn: Connection, message: Chat) -> None:
         seed=message.seed,
     )
     supersede = ""
+    limit = gw.config.quotas.generations_per_user
     for _attempt in range(SUPERSEDE_ATTEMPTS):
-        result = await gw.store.submit(job, supersede)
+        result = await gw.store.submit(job, supersede, limit)
         match result.outcome:
             case "ok" | "dup":
                 mid = result.message_id
@@ -55,6 +56,15 @@ async def chat(conn: Connection, message: Chat) -> None:
                 status, worker = await gw.store.cancel(supersede, conn.user, "superseded")
                 await tell_worker(conn, worker, supersede)
                 log.info("chat_supersedes", message_id=supersede, session_id=job.session_id, status=status)
+            case "rate_limited":
+                conn.refused("generations")
+                await conn.error(
+                    "rate_limited",
+                    f"you have {limit} generations queued or running; wait for one to end",
+                    job.request_id,
+                    retry_after_ms=GENERATIONS_RETRY_MS,
+                )
+                return
             case "overloaded":
                 await conn.error("overloaded", "the job queue is full; try again later", job.request_id)
                 return
@@ -78,7 +88,7 @@ async def cancel(conn: Connection, message: Cancel) -> None:
     status: CancelStatus = "not_found"
     worker = ""
     with conn.cancel_result_first(target or ""):
-        if target is not None:
+        if target is not None and is_message_id(target):  # one never issued: not_found, no Redis key built
             status, worker = await gw.store.cancel(target, conn.user, "user")
         await conn.reply(CancelResult(status=status, message_id=target, session_id=message.session_id))
     elapsed = time.perf_counter() - started
@@ -110,7 +120,7 @@ async def tell_worker(conn: Connection, worker: str, message_id: str) -> None:
 
 
 async def resume(conn: Connection, message: Resume) -> None:
-    owner = await conn.gw.store.message_owner(message.message_id)
+    owner = await conn.gw.store.message_owner(message.message_id) if is_message_id(message.message_id) else None
     if owner is None or owner[0] != conn.user:
         await conn.error("not_found", "no such message (unknown, expired, or not yours)", message_id=message.message_id)
         return

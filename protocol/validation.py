@@ -35,7 +35,7 @@ class Limits:
 def _request_id_of(frame: bytes | str) -> str | None:
     try:
         rid = _peek_decoder.decode(frame).request_id
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
     return rid if isinstance(rid, str) else None
 
@@ -50,6 +50,8 @@ def decode_client(frame: bytes | str, limits: Limits = Limits()) -> ClientMessag
         raise BadRequest(_explain(str(exc)), _request_id_of(frame)) from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"malformed JSON: {exc}") from None
+    except RecursionError:  # msgspec's depth guard, on values nested thousands deep
+        raise BadRequest("malformed JSON: nested too deeply") from None
     match message:
         case Chat(text=text) if len(text) > limits.max_text_chars:
             raise BadRequest(

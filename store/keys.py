@@ -32,6 +32,8 @@ ANSWERS_PREFIX = NS + "answers:"
 REQUEST_PREFIX = NS + "req:"
 INSTANCE_PREFIX = NS + "inst:"
 ALIVE_PREFIX = NS + "alive:"
+GENERATIONS_PREFIX = NS + "gens:"
+CONNECTIONS_PREFIX = NS + "conns:"
 
 
 def meta(message_id: str) -> str:
@@ -92,8 +94,23 @@ def answers(user: str, session_id: str) -> str:
 
 
 def request(user: str, session_id: str, request_id: str) -> str:
-    """Idempotency record: request id → message id."""
-    return f"{REQUEST_PREFIX}{session_scope(user, session_id)}:{request_id}"
+    """Idempotency record: request id → message id. Session ids may contain ':' and request
+    ids anything, so the session id's length goes in front of it: (`a:b`, `c`) and (`a`,
+    `b:c`) are different keys."""
+    return f"{REQUEST_PREFIX}{user}:{len(session_id)}:{session_id}:{request_id}"
+
+
+def generations(user: str) -> str:
+    """Sorted set: the user's queued and running message ids, scored by when their message
+    key expires (ms). Added by SUBMIT, removed by every terminal; an entry whose message
+    vanished without one is pruned once its score has passed."""
+    return GENERATIONS_PREFIX + user
+
+
+def connections(user: str) -> str:
+    """Sorted set: the user's open connections (`gateway id:n`), scored by when the entry
+    lapses (ms) unless its gateway's heartbeat renews it."""
+    return CONNECTIONS_PREFIX + user
 
 
 def instance(kind: str, instance_id: str) -> str:

@@ -106,7 +106,8 @@ def split_at_seq(frame: str) -> tuple[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class SubmitResult:
-    outcome: Literal["ok", "dup", "busy", "overloaded"]
+    outcome: Literal["ok", "dup", "busy", "rate_limited", "overloaded"]
+    """`rate_limited`: the user has `generations_limit` queued or running already."""
     message_id: str
 
 
@@ -155,6 +156,7 @@ class Store:
         self._append_sha = hashlib.sha1(scripts.APPEND.encode()).hexdigest()
         self._finish = client.register_script(scripts.configured(scripts.FINISH, config))
         self._save_answer = client.register_script(scripts.configured(scripts.SAVE_ANSWER, config))
+        self._connect = client.register_script(scripts.CONNECT)
 
     async def close(self) -> None:
         await self.lean.close()
@@ -166,7 +168,10 @@ class Store:
 
     # --- gateway side -------------------------------------------------------------------
 
-    async def submit(self, job: Job, supersede: str = "") -> SubmitResult:
+    async def submit(self, job: Job, supersede: str = "", generations_limit: int = 0) -> SubmitResult:
+        """Queue a job, unless the session is busy (with another message than `supersede`),
+        the user has `generations_limit` generations queued or running (0: no limit), or
+        the queue is full."""
         turn = job_encoder.encode(StoredTurn(message_id=job.message_id, text=job.text))
         request_key = (
             keys.request(job.user, job.session_id, job.request_id) if job.request_id else ""
@@ -183,6 +188,7 @@ class Store:
                     keys.JOBS_STREAM,
                     keys.attach_lease(job.message_id),
                     keys.BACKLOG,
+                    keys.generations(job.user),
                 ],
                 args=[
                     job.message_id,
@@ -194,6 +200,7 @@ class Store:
                     job.created_ms,
                     supersede,
                     job.message_id,
+                    generations_limit,
                 ],
             )
         return SubmitResult(cast(Any, _s(outcome)), _s(mid))
@@ -203,9 +210,37 @@ class Store:
         head, tail = split_at_seq(encode_text(Cancelled(message_id=message_id, seq=0)))
         async with guarded():
             status, worker = await self._lean_script(
-                self._cancel, [keys.meta(message_id)], [message_id, user, reason, head, tail]
+                self._cancel, [keys.meta(message_id), keys.generations(user)], [message_id, user, reason, head, tail]
             )
         return cast(CancelStatus, _s(status)), _s(worker)
+
+    # --- connections per user (quota) ---------------------------------------------------
+
+    async def add_connection(self, user: str, member: str, now_ms: int, lapse_ms: int, limit: int) -> bool:
+        """Take one of the user's `limit` connection slots for `member` (gateway id:n) until
+        `now_ms + lapse_ms`; False when they are all taken."""
+        async with guarded():
+            taken = await self._lean_script(self._connect, [keys.connections(user)], [member, now_ms, lapse_ms, limit])
+        return bool(taken)
+
+    async def remove_connection(self, user: str, member: str) -> None:
+        async with guarded():
+            await self.lean.call("ZREM", keys.connections(user), member)
+
+    async def renew_connections(self, members: dict[str, list[str]], now_ms: int, lapse_ms: int) -> None:
+        """Move the lapse of these connections (user → members) to `now_ms + lapse_ms`;
+        members already removed stay removed (ZADD XX)."""
+        if not members:
+            return
+        lapse = now_ms + lapse_ms
+        commands: list[Command] = []
+        for user, names in members.items():
+            key = keys.connections(user)
+            commands.append(("ZADD", key, "XX", *[part for name in names for part in (lapse, name)]))
+            commands.append(("PEXPIRE", key, lapse_ms))
+        async with guarded():
+            for reply in await self.lean.execute(commands):
+                raised(reply)
 
     async def _lean_script(self, script: Any, script_keys: list[str], args: list[Any]) -> Any:
         """Run a registered script by EVALSHA on the lean connection; redis-py's slower path
@@ -370,11 +405,14 @@ class Store:
         attempt: int,
         terminal: Terminal,
         text: str,
+        *,
+        user: str,
     ) -> Ending:
         """Write the terminal event (fenced), right after the last chunk the store accepted
         (its `seq` is set from the store's). A `done` becomes `cancelled` when a cancel was
         accepted meanwhile; a message the store already ended `cancelled` only gets its
-        answer's text (`text`: the chunks the store accepted)."""
+        answer's text (`text`: the chunks the store accepted). `user`: the owner, whose
+        generation slot the end frees."""
         state = state_of(terminal)
         head, tail = split_at_seq(encode_text(msgspec.structs.replace(terminal, seq=0)))
         cancelled_head, cancelled_tail = split_at_seq(encode_text(Cancelled(message_id=message_id, seq=0)))
@@ -383,7 +421,7 @@ class Store:
         async with guarded():
             ok = await self._lean_script(
                 self._finish,
-                [keys.meta(message_id)],
+                [keys.meta(message_id), keys.generations(user)],
                 [
                     message_id,
                     worker_id,

@@ -49,7 +49,8 @@ end
 -- `text` false: the answer's text is saved later (`save_answer`) by the worker that has it.
 -- The terminal sits right after the last chunk the store accepted (`last_seq`): `head .. seq ..
 -- tail` is its frame. `reason`: the cancel's, kept in the meta hash (nil for other ends).
-local function write_terminal(mid, state, head, tail, text, hist_status, grace_status, reason)
+-- `gens`: the owner's generations key (`keys.generations`), from which the message leaves.
+local function write_terminal(mid, state, head, tail, text, hist_status, grace_status, reason, gens)
   local meta = C.meta .. mid
   local log = C.log .. mid
   local seq = redis.call('HGET', meta, 'last_seq') or '0'
@@ -67,17 +68,21 @@ local function write_terminal(mid, state, head, tail, text, hist_status, grace_s
   local active = C.active .. scope
   if redis.call('GET', active) == mid then redis.call('DEL', active) end
   if text then save_answer(scope, mid, text, hist_status, false) end
+  redis.call('ZREM', gens, mid)
   redis.call('PUBLISH', C.live .. mid, frame)
 end
 """
 
 SUBMIT = PRELUDE + r"""
--- KEYS: meta, active, hist, answers, request (untouched when ARGV[5], the request_id, is empty), jobs, attach, queued
--- ARGV: mid, user, session_id, user_turn_json, request_id, job_json, now_ms, supersede, job stream entry
+-- KEYS: meta, active, hist, answers, request (untouched when ARGV[5], the request_id, is empty), jobs, attach, queued,
+--       the user's generations
+-- ARGV: mid, user, session_id, user_turn_json, request_id, job_json, now_ms, supersede, job stream entry,
+--       generations limit (0: unlimited, and untracked)
 -- The job (with its prompt) lives in the meta hash until the message ends; the stream entry
 -- only names the message. `queued` holds the ids accepted and not yet claimed, scored by
 -- acceptance time: its size is the backlog, and an id older than a message's lifetime (its
--- message expired unclaimed) is pruned here, so the count cannot drift.
+-- message expired unclaimed) is pruned here, so the count cannot drift. The user's
+-- generations (queued or running) are scored by when their message key expires.
 local mid, user, sid = ARGV[1], ARGV[2], ARGV[3]
 if ARGV[5] ~= '' then
   local existing = redis.call('GET', KEYS[5])
@@ -86,7 +91,15 @@ end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'dup', mid} end
 local prev = redis.call('GET', KEYS[2])
 if prev and prev ~= ARGV[8] then return {'busy', prev} end
-local stale = tonumber(ARGV[7]) - C.message_ttl * 1000
+local now = tonumber(ARGV[7])
+local gens_limit = tonumber(ARGV[10])
+if gens_limit > 0 then
+  local live = redis.call('ZCOUNT', KEYS[9], '(' .. now, '+inf')
+  -- the generation this chat replaces may not have ended yet (polling baseline): not twice
+  if ARGV[8] ~= '' and redis.call('ZSCORE', KEYS[9], ARGV[8]) then live = live - 1 end
+  if live >= gens_limit then return {'rate_limited', ''} end
+end
+local stale = now - C.message_ttl * 1000
 if redis.call('ZCOUNT', KEYS[8], '(' .. stale, '+inf') >= C.backlog_limit then return {'overloaded', ''} end
 -- The first write is one Redis refuses at maxmemory (OOM), so a refused SUBMIT changed nothing.
 redis.call('HSET', KEYS[1], 'user', user, 'session_id', sid, 'state', 'queued',
@@ -103,13 +116,18 @@ if ARGV[5] ~= '' then redis.call('SET', KEYS[5], mid, 'EX', C.grace_s) end
 redis.call('SET', KEYS[7], '1', 'PX', C.detach_ms)
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', C.jobs_maxlen, '*', 'm', ARGV[9])
 redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', stale)
-redis.call('ZADD', KEYS[8], ARGV[7], mid)
+redis.call('ZADD', KEYS[8], now, mid)
 redis.call('PEXPIRE', KEYS[8], C.message_ttl * 1000)
+if gens_limit > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', now)
+  redis.call('ZADD', KEYS[9], now + C.message_ttl * 1000, mid)
+  redis.call('PEXPIRE', KEYS[9], C.message_ttl * 1000)
+end
 return {'ok', mid}
 """
 
 CANCEL = PRELUDE + r"""
--- KEYS: meta
+-- KEYS: meta, the user's generations
 -- ARGV: mid, user, reason, the `cancelled` frame split around its seq (head, tail)
 -- A running message ends here, at its last stored seq: the store is the authority, so the
 -- client's `cancelled` does not wait for the worker. The cancel key and the push then stop
@@ -121,11 +139,11 @@ if m[1] ~= ARGV[2] then return {'not_found', ''} end
 local grace = redis.call('GET', C.grace .. mid)
 if grace then return {'already_' .. grace, ''} end
 if m[2] == 'queued' then
-  write_terminal(mid, 'cancelled', ARGV[4], ARGV[5], '', 'cancelled', 'cancelled', ARGV[3])
+  write_terminal(mid, 'cancelled', ARGV[4], ARGV[5], '', 'cancelled', 'cancelled', ARGV[3], KEYS[2])
   return {'cancelling', ''}
 elseif m[2] == 'running' then
   if C.cancel_ends == 1 then
-    write_terminal(mid, 'cancelled', ARGV[4], ARGV[5], false, 'cancelled', 'cancelled', ARGV[3])
+    write_terminal(mid, 'cancelled', ARGV[4], ARGV[5], false, 'cancelled', 'cancelled', ARGV[3], KEYS[2])
   end
   if redis.call('SET', C.cancel .. mid, ARGV[3], 'NX', 'EX', C.message_ttl) then
     return {'cancelling', m[3]}
@@ -183,7 +201,7 @@ return 1
 """
 
 FINISH = PRELUDE + r"""
--- KEYS: meta
+-- KEYS: meta, the owner's generations
 -- ARGV: mid, worker, attempt, state, frame head, frame tail, text, history status,
 --       grace status, cancelled frame head, cancelled frame tail (frames split at their seq)
 -- Returns 1 (ended as asked), 2 (ended cancelled instead), 3 (the store had already ended
@@ -200,10 +218,10 @@ end
 if m[3] == ARGV[4] then return 1 end
 if m[3] ~= 'running' then return 0 end
 if ARGV[4] == 'done' and redis.call('EXISTS', C.cancel .. ARGV[1]) == 1 then
-  write_terminal(ARGV[1], 'cancelled', ARGV[10], ARGV[11], ARGV[7], 'cancelled', 'cancelled')
+  write_terminal(ARGV[1], 'cancelled', ARGV[10], ARGV[11], ARGV[7], 'cancelled', 'cancelled', nil, KEYS[2])
   return 2
 end
-write_terminal(ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
+write_terminal(ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], nil, KEYS[2])
 return 1
 """
 
@@ -213,5 +231,16 @@ SAVE_ANSWER = PRELUDE + r"""
 -- unless the worker saved it first.
 if redis.call('HGET', KEYS[1], 'state') ~= 'cancelled' then return 0 end
 save_answer(scope_of(ARGV[1]), ARGV[1], ARGV[2], 'cancelled', true)
+return 1
+"""
+
+CONNECT = r"""
+-- A connection of a user takes a slot, unless the user has `limit` already (across gateways).
+-- KEYS: the user's connections; ARGV: member (gateway id:n), now_ms, lapse_ms, limit
+-- Entries lapse unless their gateway's heartbeat renews them: a killed gateway frees its slots.
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
+redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """

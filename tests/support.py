@@ -246,9 +246,13 @@ class ProcessCluster:
     redis_url: str
     tmp: Path
     procs: list[Proc] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    """Set in every process's environment (e.g. TOKENRELAY_AUTH_SECRET)."""
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ, REDIS_URL=self.redis_url, PYTHONUNBUFFERED="1", LOG_LEVEL="info")
+        env.pop("TOKENRELAY_AUTH_SECRET", None)
+        env.update(self.extra_env)
         return env
 
     def add_gateway(self, *extra: str) -> Proc:

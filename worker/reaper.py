@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import redis.exceptions
 import structlog
 
+from protocol.jobs import Job
 from protocol.messages import Error
 from store import keys
 from store.retry import REDIS_ERRORS
@@ -138,7 +139,7 @@ class Reaper:
         attempt, last_seq, job = taken
         if deliveries > self.max_deliveries:
             await self._dead_letter(entry_id, message_id, dead, deliveries)
-            await self._fail(entry_id, message_id, attempt, "the job failed on every worker that took it")
+            await self._fail(entry_id, job, attempt, "the job failed on every worker that took it")
             bound.error("dead_lettered", deliveries=deliveries)
             metrics.RECLAIMED.labels("dead_letter").inc()
         elif last_seq == 0:
@@ -146,12 +147,13 @@ class Reaper:
             metrics.RECLAIMED.labels("restarted").inc()
             worker.start_job(entry_id, message_id, Taken(attempt, job))
         else:
-            await self._fail(entry_id, message_id, attempt, "the worker generating this answer died")
+            await self._fail(entry_id, job, attempt, "the worker generating this answer died")
             bound.warning("reclaimed_worker_lost", last_seq=last_seq)
             metrics.RECLAIMED.labels("worker_lost").inc()
 
-    async def _fail(self, entry_id: bytes, message_id: str, attempt: int, why: str) -> None:
-        await self.worker.end(attempt, Error(code="worker_lost", message=why, message_id=message_id, seq=0))
+    async def _fail(self, entry_id: bytes, job: Job, attempt: int, why: str) -> None:
+        error = Error(code="worker_lost", message=why, message_id=job.message_id, seq=0)
+        await self.worker.end(attempt, error, job.user)
         await self.worker.ack(entry_id)
 
     async def _dead_letter(self, entry_id: bytes, message_id: str, dead: str, deliveries: int) -> None:

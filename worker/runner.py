@@ -177,7 +177,8 @@ class Worker:
             bound.exception("job_failed")
             if taken is not None:
                 why = f"the worker failed: {type(exc).__name__}"
-                await self.end(taken.attempt, Error(code="internal", message=why, message_id=message_id, seq=0))
+                error = Error(code="internal", message=why, message_id=message_id, seq=0)
+                await self.end(taken.attempt, error, taken.job.user)
                 await self.ack(entry_id)
         finally:
             self.handling.discard(entry_id)
@@ -206,11 +207,12 @@ class Worker:
         metrics.JOBS.labels(outcome).inc()
         return outcome
 
-    async def end(self, attempt: int, terminal: Terminal) -> None:
-        """End a message this worker owns but does not generate, its log's text as the answer."""
+    async def end(self, attempt: int, terminal: Terminal, user: str) -> None:
+        """End a message of `user` this worker owns but does not generate, its log's text as
+        the answer."""
         assert terminal.message_id is not None
         text = await self.partial_text(terminal.message_id)
-        await end(self.store, self.id, attempt, terminal, text, self.config.redis_deadline_s)
+        await end(self.store, self.id, attempt, terminal, text, self.config.redis_deadline_s, user=user)
 
     async def partial_text(self, message_id: str) -> str:
         return await retry(lambda: self.store.partial_text(message_id), "partial_text")

@@ -8,6 +8,7 @@ import base64
 import contextlib
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -33,6 +34,7 @@ from worker.model.smollm2 import NAME
 
 WORD_RE = re.compile(r"\b(?:" + "|".join(WORDS) + r")\b")
 CHROMIUM = Path("/usr/bin/chromium")
+SECRET = "test-secret-of-at-least-32-bytes-0123456789"
 
 
 class Cli:
@@ -175,14 +177,47 @@ async def test_history_and_clear_commands(redis_url: str) -> None:
 
 
 async def test_token_auth(redis_url: str) -> None:
-    async with gateway(redis_url, auth_secret="sekrit") as gw, worker(redis_url):
-        token = mint_token("sekrit", "carol", time.time(), 600)
+    async with gateway(redis_url, auth_secret=SECRET) as gw, worker(redis_url):
+        token = mint_token(SECRET, "carol", time.time(), 600)
         async with cli("--url", url(gw.port), "--token", token, "--max-tokens", "2", "hi") as p:
             rc, out, err = await p.finish()
         assert rc == 0 and len(out.split()) == 2, (out, err)
         async with cli("--url", url(gw.port), "--token", "forged", "hi") as p:
             rc, out, err = await p.finish()
         assert rc == 1 and "authentication refused" in err, (out, err)
+
+
+async def test_an_expired_token_is_minted_again_and_the_answer_resumes(redis_url: str, tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET)
+    async with gateway(redis_url, auth_secret=SECRET) as gw, worker(redis_url, [SyntheticEngine(rate=20.0)] * 4):
+        args = ("--url", url(gw.port), "--user", "carol", "--secret-file", str(secret_file), "--token-ttl", "3")
+        async with cli(*args, "--max-tokens", "120", "hi") as p:
+            rc, out, err = await p.finish(timeout=40)
+    assert rc == 0, (out, err)
+    assert "token expired" in err, err
+    assert len(out.split()) == 120, out
+
+
+async def test_an_expired_token_is_read_again_from_the_token_file(redis_url: str, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    async with gateway(redis_url, auth_secret=SECRET) as gw, worker(redis_url, [SyntheticEngine(rate=20.0)] * 4):
+        token_file.write_text(mint_token(SECRET, "carol", time.time(), 4) + "\n")
+        async with cli("--url", url(gw.port), "--token-file", str(token_file), "--max-tokens", "160", "hi") as p:
+            await p.until(lambda out: len(out.split()) >= 2)
+            token_file.write_text(mint_token(SECRET, "carol", time.time(), 600))
+            rc, out, err = await p.finish(timeout=40)
+    assert rc == 0, (out, err)
+    assert "token expired" in err, err
+    assert len(out.split()) == 160, out
+
+
+async def test_an_expired_bare_token_stops_the_client_saying_what_to_do(redis_url: str) -> None:
+    async with gateway(redis_url, auth_secret=SECRET) as gw, worker(redis_url, [SyntheticEngine(rate=20.0)] * 4):
+        token = mint_token(SECRET, "carol", time.time(), 5)
+        async with cli("--url", url(gw.port), "--token", token, "--max-tokens", "300", "hi") as p:
+            rc, out, err = await p.finish(timeout=30)
+    assert rc == 1 and "--token-file" in err and out.split(), (out, err)
 
 
 async def test_demo_page_is_served_self_contained(redis_url: str) -> None:
@@ -380,3 +415,31 @@ async def test_demo_page_in_a_browser_with_the_real_model(
     turns = history["turns"]
     assert [turn["status"] for turn in turns] == ["complete", "complete", "complete", "cancelled", "complete", "cancelled"]
     assert turns[3]["text"] == shown and len(shown.split()) >= 12  # nothing lost or repeated across the drop
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (not installed by the tests)")
+async def test_demo_page_asks_for_a_new_token_after_4001_and_resumes(redis_url: str) -> None:
+    async with gateway(redis_url, auth_secret=SECRET) as gw, worker(redis_url, engines=[SyntheticEngine(rate=20.0)] * 4):
+        async with browser() as b:
+            await b.call("Page.enable")
+            await b.call("Page.navigate", url=f"http://127.0.0.1:{gw.port}/")
+            await b.until("document.getElementById('token')")
+            short = mint_token(SECRET, "carol", math.ceil(time.time()), 3)  # 3 to 4 seconds
+            await b.js(f"""document.getElementById('token').value = '{short}';
+                           document.getElementById('session').value = 'web-expiry';
+                           document.querySelector('#settings button').click()""")
+            await b.until("document.getElementById('conn').textContent === 'connected as carol'")
+            await b.js("""document.getElementById('max-tokens').value = '100';
+                          document.getElementById('text').value = 'a long one';
+                          document.getElementById('send').click()""")
+            await b.until("document.getElementById('conn').textContent === 'token expired'", timeout=20)
+            assert "paste a new token" in await b.js("document.getElementById('status').textContent")
+            assert await b.js("document.getElementById('token').value") == ""
+            assert not await b.js("document.querySelector('.turn.assistant.done')"), "expired mid-answer"
+
+            fresh = mint_token(SECRET, "carol", time.time(), 600)
+            await b.js(f"""document.getElementById('token').value = '{fresh}';
+                           document.querySelector('#settings button').click()""")
+            await b.until("document.querySelector('.turn.assistant.done')", timeout=30)
+            text = await b.js("document.querySelector('.turn.assistant .body').textContent")
+            assert len(text.split()) == 100, text

@@ -162,6 +162,6 @@ async def test_every_script_answers_a_repeated_call_as_the_first(store: Store) -
     taken = await store.takeover(job.message_id, "w-1", "w-3")
     assert taken is not None and await store.takeover(job.message_id, "w-1", "w-3") == taken
     done = Done(message_id=job.message_id, seq=0, finish_reason="length")
-    assert await store.finish(job.message_id, "w-3", taken[0], done, "") == "ended"
-    assert await store.finish(job.message_id, "w-3", taken[0], done, "") == "ended"
+    assert await store.finish(job.message_id, "w-3", taken[0], done, "", user="u") == "ended"
+    assert await store.finish(job.message_id, "w-3", taken[0], done, "", user="u") == "ended"
     assert len(await store.read_log(job.message_id, 0)) == 1, "one terminal"

@@ -52,7 +52,7 @@ async def log_frames(store: Store, mid: str) -> list[dict[str, object]]:
 
 
 async def finish_done(store: Store, mid: str, attempt: int, seq: int, text: str) -> str:
-    return await store.finish(mid, WORKER, attempt, Done(message_id=mid, seq=seq, finish_reason="length"), text)
+    return await store.finish(mid, WORKER, attempt, Done(message_id=mid, seq=seq, finish_reason="length"), text, user="u")
 
 
 async def test_cancel_of_a_running_message_ends_it_at_its_last_stored_seq(store: Store) -> None:
@@ -180,7 +180,7 @@ async def test_session_turns_are_those_of_earlier_messages_only(store: Store) ->
     stopped, attempt = await running_message(store, session="hist")
     assert await append(store, stopped, attempt, 1, "par") == "written"
     assert (await store.cancel(stopped, "u", "user"))[0] == "cancelling"
-    await store.finish(stopped, WORKER, attempt, Cancelled(message_id=stopped, seq=1), "par")
+    await store.finish(stopped, WORKER, attempt, Cancelled(message_id=stopped, seq=1), "par", user="u")
     second, _ = await running_message(store, session="hist")
     assert await store.session_turns("u", "hist", before=second) == [
         HistoryTurn(first, "user", "hi", "complete"),
