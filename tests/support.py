@@ -21,12 +21,23 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 
 from gateway.server import Gateway, GatewayConfig
+from protocol.ids import new_message_id
 from store.embedded import free_port
+from store.keys import Keyspace
 from worker.engines.base import Engine
 from worker.engines.synthetic import SyntheticEngine
 from worker.runner import Worker, WorkerConfig
 
 SCALE = float(os.environ.get("TOKENRELAY_TEST_TIMEOUT_SCALE", "1"))
+KEYSPACE = Keyspace()
+"""The keys of the deployments tests start (one shard, as gateways and workers default to)."""
+JOBS_STREAM = KEYSPACE.job_streams()[0]
+BACKLOG = KEYSPACE.backlogs()[0]
+
+
+def message_id(user: str = "u") -> str:
+    """A fresh id for a message of `user`, as a gateway mints it."""
+    return new_message_id(KEYSPACE.tag_of_user(user))
 TERMINALS = ("done", "cancelled", "error")
 
 

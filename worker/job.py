@@ -83,8 +83,7 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
         return "lost"
     terminal = terminal_event(job.message_id, failure=failure, cancel_reason=running.token.reason, finish=finish)
     ending = await end(
-        services.store, services.worker_id, running.attempt, terminal, progress.answer, services.redis_deadline_s,
-        user=job.user,
+        services.store, services.worker_id, running.attempt, job, terminal, progress.answer, services.redis_deadline_s
     )
     state: Outcome
     match ending:
@@ -150,24 +149,25 @@ async def generate(
 
 
 async def end(
-    store: Store, worker_id: str, attempt: int, terminal: Terminal, text: str, deadline_s: float, *, user: str
+    store: Store, worker_id: str, attempt: int, job: Job, terminal: Terminal, text: str, deadline_s: float
 ) -> Ending:
-    """Write the terminal event (fenced by worker and attempt) of a message of `user`.
-    Refused past `deadline_s`, the message ends `error` / `unavailable` instead, written
-    whenever Redis lets it."""
-    message_id = terminal.message_id
-    assert message_id is not None
+    """Write the terminal event of `job`'s message (fenced by worker and attempt). Refused
+    past `deadline_s`, the message ends `error` / `unavailable` instead, written whenever Redis
+    lets it."""
+    mid, user, sid = job.message_id, job.user, job.session_id
     try:
         return await retry(
-            lambda: store.finish(message_id, worker_id, attempt, terminal, text, user=user),
+            lambda: store.finish(mid, worker_id, attempt, terminal, text, user=user, session_id=sid),
             "finish",
             deadline_s=deadline_s,
         )
     except DeadlinePassed as exc:
         log.error("finish_refused", error=str(exc))
     unavailable = Error(code="unavailable", message="the message store refused writes for too long",
-                        message_id=message_id, seq=0)
-    return await retry(lambda: store.finish(message_id, worker_id, attempt, unavailable, text, user=user), "finish")
+                        message_id=mid, seq=0)
+    return await retry(
+        lambda: store.finish(mid, worker_id, attempt, unavailable, text, user=user, session_id=sid), "finish"
+    )
 
 
 class ChunkStream:

@@ -18,6 +18,8 @@ import redis as sync_redis
 
 from store import embedded, keys
 from tests.support import (
+    JOBS_STREAM,
+    KEYSPACE,
     TERMINALS,
     Client,
     ProcessCluster,
@@ -144,8 +146,8 @@ async def test_stop_after_the_worker_died_ends_at_once_and_the_reaper_keeps_the_
         assert_stream_ok(a, mid)
 
         def reclaimed_and_saved() -> bool:
-            pending = r.xpending(keys.JOBS_STREAM, keys.WORKER_GROUP)["pending"]
-            return pending == 0 and r.hexists(keys.answers("alice", "s"), mid)
+            pending = r.xpending(JOBS_STREAM, keys.WORKER_GROUP)["pending"]
+            return pending == 0 and r.hexists(KEYSPACE.answers("alice", "s"), mid)
 
         await wait_until(reclaimed_and_saved, timeout=15)
         history = await a.request(type="history", session_id="s")
@@ -317,7 +319,7 @@ def _process_state(pid: int) -> str:
 def just_taken_by(r: sync_redis.Redis, workers: list[Proc]) -> Proc | None:
     """The worker (among `workers`) that runs a message which has no chunk stored yet."""
     by_pid = {p.popen.pid: p for p in workers if p.popen is not None}
-    for key in r.keys(keys.META_PREFIX + "*"):
+    for key in r.keys(keys.META_PATTERN):
         state, last_seq, worker_id = r.hmget(key, ["state", "last_seq", "worker"])
         if state == b"running" and last_seq == b"0" and worker_id is not None:
             owner = by_pid.get(int(worker_id.decode().split("-")[-2]))

@@ -18,6 +18,7 @@ from tests.support import (
     gateway,
     close_code_in,
     masked_text_frame,
+    message_id,
     raw_client_that_never_reads,
     read_until_eof,
     t,
@@ -158,7 +159,6 @@ async def flood_and_check(gw: Gateway, sock: socket.socket) -> None:
 
 @pytest.mark.parametrize("text", ["x" * 20])
 async def test_redis_unreachable_chat_answers_unavailable_and_heartbeats_continue(redis_url: str, text: str) -> None:
-    from protocol.ids import new_message_id
     from store.embedded import free_port
 
     dead = f"redis://127.0.0.1:{free_port()}/0"
@@ -168,7 +168,7 @@ async def test_redis_unreachable_chat_answers_unavailable_and_heartbeats_continu
         assert error["type"] == "error" and error["code"] == "unavailable" and error["request_id"] == "r"
         assert time.monotonic() - started < t(3)
         assert (await a.request(type="heartbeat", ts=1.0))["type"] == "heartbeat_ack"
-        assert (await a.request(type="cancel", message_id=new_message_id()))["code"] == "unavailable"
+        assert (await a.request(type="cancel", message_id=message_id("alice")))["code"] == "unavailable"
 
 
 async def test_scripts_flushed_mid_stream_the_stream_continues(redis_url: str) -> None:
