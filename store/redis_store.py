@@ -65,9 +65,21 @@ Append = Literal["written", "cancelled", "not_ours", "out_of_order"]
 APPEND_RESULTS: dict[int, Append] = {1: "written", 2: "cancelled", 0: "not_ours", 3: "out_of_order"}
 """The APPEND script's reply: written; refused because the message was cancelled (stop
 generating); refused because the job is no longer this worker's (fenced); refused because an
-earlier chunk is missing (resend in order)."""
+earlier chunk is missing (resend in order; `append_outcome` gives the store's last seq)."""
+
+
+def append_outcome(reply: Any) -> tuple[Append, int | None]:
+    """An APPEND reply (error replies raised) as (outcome, the store's last seq when the
+    chunk came out of order)."""
+    reply = raised(reply)
+    if isinstance(reply, list):
+        return "out_of_order", int(reply[1])
+    return APPEND_RESULTS[int(reply)], None
 
 _SEQ_ZERO = '"seq":0'
+
+WAIT_MS = 1_000
+"""How long an end waits for a replica (WAIT) before the worker tries again (`_ended`)."""
 
 LOG_PAGE = 500
 """Log entries per XRANGE: a 10,000-chunk log is never held, or sent by Redis, at once."""
@@ -110,11 +122,14 @@ class Store:
         keyspace: Keyspace | None = None,
         publish: str = "PUBLISH",
         lean: CommandClient | None = None,
+        wait_replicas: int = 0,
     ) -> None:
         """`cancel_ends`: a cancel of a running message ends it in the store at once (the
         default). False only for the polling baseline of the benchmarks: the cancel just sets
-        the key, and the worker that polls it writes the terminal. `keyspace`, `publish` and
-        `lean`: the deployment's (`open`); the defaults are one Redis with one shard."""
+        the key, and the worker that polls it writes the terminal. `keyspace`, `publish`,
+        `lean` and `wait_replicas`: the deployment's (`open`); the defaults are one Redis with
+        one shard. With `wait_replicas`, a terminal event is published only once that many
+        replicas of its master have it (`_ended`)."""
         self.redis = client
         self.keyspace = keyspace or Keyspace()
         self.lifetimes = lt = lifetimes or Lifetimes()
@@ -130,8 +145,10 @@ class Store:
             "detach_ms": lt.detach_grace_ms,
             "cancel_ends": int(cancel_ends),
             "publish": publish,
+            "publish_terminal": int(not wait_replicas),
         }
         self._publish = publish
+        self._wait_replicas = wait_replicas
         if lean is None:
             assert isinstance(client, Redis)
             pool = client.connection_pool
@@ -158,7 +175,7 @@ class Store:
         """The store of a deployment: its clients, shards and publish command."""
         return cls(
             topology.client(timeout_s), lifetimes, cancel_ends, topology.keyspace, topology.publish,
-            topology.lean(timeout_s),
+            topology.lean(timeout_s), topology.wait_replicas,
         )
 
     async def start(self) -> None:
@@ -249,10 +266,12 @@ class Store:
             owner, session_id = await self.lean.call("HMGET", keys.meta(message_id), "user", "session_id")
             if owner is None or _s(owner) != user or session_id is None:
                 return "not_found", ""
-            status, worker = await self._lean_script(
+            status, worker, _frame = await self._ended(
                 self._cancel,
                 self._ending_keys(message_id, user, _s(session_id)),
                 [message_id, user, _s(session_id), reason, head, tail, keys.live_channel(message_id)],
+                message_id,
+                replicated=False,
             )
         return cast(CancelStatus, _s(status)), _s(worker)
 
@@ -293,6 +312,32 @@ class Store:
             return await self.lean.call("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
         except redis.exceptions.NoScriptError:
             return await script(keys=script_keys, args=args)
+
+    async def _ended(
+        self, script: Any, script_keys: list[str], args: list[Any], message_id: str, *, replicated: bool
+    ) -> list[Any]:
+        """Run a script that may end a message (its last reply: the terminal frame it wrote, or
+        ''). With `wait_replicas`, the script does not publish the frame: it is published here
+        once the replicas have it (WAIT), so no client sees an end that a failover could lose.
+        `replicated`: no replica answering in time is `Unavailable` (the caller retries; the
+        scripts answer a repeated call as the first), not a publish anyway."""
+        if not self._wait_replicas:
+            reply: list[Any] = await self._lean_script(script, script_keys, args)
+            return reply
+        call = ("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
+        replies = await self.lean.execute([call, ("WAIT", self._wait_replicas, WAIT_MS)])
+        try:
+            reply = raised(replies[0])
+        except redis.exceptions.NoScriptError:
+            await self.redis.script_load(script.script)
+            replies = await self.lean.execute([call, ("WAIT", self._wait_replicas, WAIT_MS)])
+            reply = raised(replies[0])
+        acked = int(raised(replies[1]))
+        if reply[-1]:
+            if replicated and acked < self._wait_replicas:
+                raise Unavailable(f"the end of {message_id} is on no replica yet")
+            await self.lean.call(self._publish, keys.live_channel(message_id), reply[-1])
+        return reply
 
     async def notify_worker(self, worker_id: str, message_id: str) -> None:
         """Push a cancel to the worker running the message (its cancel key is already set)."""
@@ -467,7 +512,7 @@ class Store:
         history_status = {"done": "complete", "cancelled": "cancelled", "error": "error"}[state]
         grace_status = "cancelled" if state == "cancelled" else "completed"
         async with guarded():
-            ok = await self._lean_script(
+            ok, _frame = await self._ended(
                 self._finish,
                 self._ending_keys(message_id, user, session_id),
                 [
@@ -484,6 +529,8 @@ class Store:
                     cancelled_tail,
                     keys.live_channel(message_id),
                 ],
+                message_id,
+                replicated=True,
             )
         return _ENDINGS[int(ok)]
 

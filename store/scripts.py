@@ -49,8 +49,9 @@ end
 
 -- `text` false: the answer's text is saved later (`save_answer`) by the worker that has it.
 -- The terminal sits right after the last chunk the store accepted (`last_seq`): `head .. seq ..
--- tail` is its frame, published on `channel`. `reason`: the cancel's, kept in the meta hash
--- (nil for other ends).
+-- tail` is its frame, returned, and published on `channel` unless the store publishes it once
+-- a replica has it (C.publish_terminal 0: Redis Cluster). `reason`: the cancel's, kept in the
+-- meta hash (nil for other ends).
 local function write_terminal(mid, channel, state, head, tail, text, hist_status, grace_status, reason)
   local seq = redis.call('HGET', KEYS[1], 'last_seq') or '0'
   local frame = head .. seq .. tail
@@ -66,7 +67,8 @@ local function write_terminal(mid, channel, state, head, tail, text, hist_status
   if redis.call('GET', KEYS[6]) == mid then redis.call('DEL', KEYS[6]) end
   if text then save_answer(mid, text, hist_status, false) end
   redis.call('ZREM', KEYS[9], mid)
-  redis.call(C.publish, channel, frame)
+  if C.publish_terminal == 1 then redis.call(C.publish, channel, frame) end
+  return frame
 end
 """
 
@@ -127,28 +129,30 @@ CANCEL = PRELUDE + r"""
 -- KEYS: the keys of the message's end (PRELUDE)
 -- ARGV: mid, user, session_id, reason, the `cancelled` frame split around its seq (head, tail),
 --       live channel
+-- Returns {status, the worker to push the cancel to or '', the terminal frame written or ''}.
 -- A running message ends here, at its last stored seq: the store is the authority, so the
 -- client's `cancelled` does not wait for the worker. The cancel key and the push then stop
 -- the worker, whose later writes are refused (state is no longer running). With
 -- C.cancel_ends 0 (the polling baseline of the benchmarks) only the key is set.
 local mid = ARGV[1]
 local m = redis.call('HMGET', KEYS[1], 'user', 'state', 'worker', 'session_id')
-if m[1] ~= ARGV[2] or m[4] ~= ARGV[3] then return {'not_found', ''} end
+if m[1] ~= ARGV[2] or m[4] ~= ARGV[3] then return {'not_found', '', ''} end
 local grace = redis.call('GET', KEYS[3])
-if grace then return {'already_' .. grace, ''} end
+if grace then return {'already_' .. grace, '', ''} end
 if m[2] == 'queued' then
-  write_terminal(mid, ARGV[7], 'cancelled', ARGV[5], ARGV[6], '', 'cancelled', 'cancelled', ARGV[4])
-  return {'cancelling', ''}
+  local frame = write_terminal(mid, ARGV[7], 'cancelled', ARGV[5], ARGV[6], '', 'cancelled', 'cancelled', ARGV[4])
+  return {'cancelling', '', frame}
 elseif m[2] == 'running' then
+  local frame = ''
   if C.cancel_ends == 1 then
-    write_terminal(mid, ARGV[7], 'cancelled', ARGV[5], ARGV[6], false, 'cancelled', 'cancelled', ARGV[4])
+    frame = write_terminal(mid, ARGV[7], 'cancelled', ARGV[5], ARGV[6], false, 'cancelled', 'cancelled', ARGV[4])
   end
   if redis.call('SET', KEYS[4], ARGV[4], 'NX', 'EX', C.message_ttl) then
-    return {'cancelling', m[3]}
+    return {'cancelling', m[3], frame}
   end
-  return {'cancelling', ''}
+  return {'cancelling', '', frame}
 end
-return {'not_found', ''}
+return {'not_found', '', ''}
 """
 
 CLAIM = r"""
@@ -178,7 +182,9 @@ return {'run', attempt, tonumber(m[3]), m[4]}
 APPEND = r"""
 -- KEYS: meta, log; ARGV: worker, attempt, seq, frame, live channel
 -- Returns 1 (written), 2 (refused: the message was cancelled, stop), 0 (refused: not ours),
--- 3 (refused: not the next seq; an earlier chunk is missing, resend in order).
+-- {3, last_seq} (refused: not the next seq; the chunks after last_seq are missing: an earlier
+-- write was refused, or a failover lost writes the old master had acknowledged; resend them
+-- in order).
 -- A seq already written is answered 1 and not written again: a worker resends its batch when
 -- the connection dropped before the replies came back.
 local m = redis.call('HMGET', KEYS[1], 'worker', 'attempt', 'state', 'last_seq')
@@ -190,7 +196,7 @@ end
 local last = tonumber(m[4] or '0')
 local seq = tonumber(ARGV[3])
 if seq <= last then return 1 end
-if seq ~= last + 1 then return 3 end
+if seq ~= last + 1 then return {3, last} end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', C.log_maxlen, ARGV[3] .. '-0', 'f', ARGV[4])
 if ARGV[3] == '1' then redis.call('EXPIRE', KEYS[2], C.message_ttl) end
 redis.call('HSET', KEYS[1], 'last_seq', ARGV[3])
@@ -203,25 +209,24 @@ FINISH = PRELUDE + r"""
 -- ARGV: mid, worker, attempt, state, frame head, frame tail, text, history status,
 --       grace status, cancelled frame head, cancelled frame tail (frames split at their seq),
 --       live channel
--- Returns 1 (ended as asked), 2 (ended cancelled instead), 3 (the store had already ended
--- it cancelled: only the answer's text is saved), 0 (not ours).
+-- Returns {1, frame} (ended as asked), {2, frame} (ended cancelled instead), {3, ''} (the store
+-- had already ended it cancelled: only the answer's text is saved), {0, ''} (not ours); the
+-- frame is the terminal's (also when a repeated call finds the message ended as asked).
 -- A cancel answered `cancelling` promises a `cancelled` terminal: if its key is set when a
 -- job finishes on its own (the Stop raced the last token), the message ends cancelled.
-local m = redis.call('HMGET', KEYS[1], 'worker', 'attempt', 'state')
-if m[1] ~= ARGV[2] or m[2] ~= ARGV[3] then return 0 end
+local m = redis.call('HMGET', KEYS[1], 'worker', 'attempt', 'state', 'last_seq')
+if m[1] ~= ARGV[2] or m[2] ~= ARGV[3] then return {0, ''} end
 if m[3] == 'cancelled' then
   save_answer(ARGV[1], ARGV[7], 'cancelled', true)
   redis.call('DEL', KEYS[4])
-  return 3
+  return {3, ''}
 end
-if m[3] == ARGV[4] then return 1 end
-if m[3] ~= 'running' then return 0 end
+if m[3] == ARGV[4] then return {1, ARGV[5] .. m[4] .. ARGV[6]} end
+if m[3] ~= 'running' then return {0, ''} end
 if ARGV[4] == 'done' and redis.call('EXISTS', KEYS[4]) == 1 then
-  write_terminal(ARGV[1], ARGV[12], 'cancelled', ARGV[10], ARGV[11], ARGV[7], 'cancelled', 'cancelled', nil)
-  return 2
+  return {2, write_terminal(ARGV[1], ARGV[12], 'cancelled', ARGV[10], ARGV[11], ARGV[7], 'cancelled', 'cancelled', nil)}
 end
-write_terminal(ARGV[1], ARGV[12], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], nil)
-return 1
+return {1, write_terminal(ARGV[1], ARGV[12], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], nil)}
 """
 
 SAVE_ANSWER = PRELUDE + r"""

@@ -52,6 +52,9 @@ class Topology:
     keyspace: Keyspace = field(default_factory=Keyspace)
     sharded_pubsub: bool = False
     """Scripts publish with SPUBLISH (a Redis 7 cluster) instead of PUBLISH."""
+    wait_replicas: int = 0
+    """Replicas that must have a terminal event before it is published (1 on a cluster whose
+    masters all have one; 0 on one Redis)."""
 
     @property
     def publish(self) -> str:
@@ -118,6 +121,7 @@ async def discover(url: str, *, cluster: bool = False, shards: int | None = None
     try:
         sharded_pubsub = False
         default = 1
+        wait_replicas = 0
         if cluster:
             lean = probe.lean()
             try:
@@ -125,6 +129,8 @@ async def discover(url: str, *, cluster: bool = False, shards: int | None = None
                 assert isinstance(lean, ClusterClient)
                 default = SHARDS_PER_MASTER * len(lean.masters())
                 sharded_pubsub = await has_sharded_pubsub(lean)
+                slots: list[Any] = await lean.call("CLUSTER", "SLOTS")
+                wait_replicas = int(bool(slots) and all(len(entry) > 3 for entry in slots))
             finally:
                 await lean.close()
         wanted = shards or default
@@ -135,7 +141,7 @@ async def discover(url: str, *, cluster: bool = False, shards: int | None = None
                 f"this deployment uses {recorded} shards (recorded in {keys.CONFIG}); "
                 f"start with --shards {recorded}, or leave --shards out"
             )
-        return Topology(url, cluster, Keyspace(recorded), sharded_pubsub)
+        return Topology(url, cluster, Keyspace(recorded), sharded_pubsub, wait_replicas)
     finally:
         await client.aclose()
 

@@ -216,7 +216,13 @@ class ChunkStream:
         if every and seq % every == 0:
             self._polls.append(asyncio.ensure_future(self._poll_cancel_key()))
         frame = encode_text(Chunk(message_id=job.message_id, seq=seq, text=chunk))
-        self._services.writer.append(job.message_id, self._running.attempt, seq, frame, self._written)
+        self._services.writer.append(job.message_id, self._running.attempt, seq, frame, self._written, self._earlier)
+
+    def _earlier(self, seq: int) -> str | None:
+        """The frame of an earlier chunk of this generation (to write again after a store
+        lost it), or None for one it did not write."""
+        text = self._progress.text_of(seq)
+        return None if text is None else encode_text(Chunk(message_id=self._running.job.message_id, seq=seq, text=text))
 
     def _written(self, seq: int, outcome: Append | BaseException) -> None:
         stop = self._progress.written(seq, outcome)
