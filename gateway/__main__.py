@@ -28,7 +28,7 @@ from protocol.logconfig import configure_logging
 from store import topology
 from store.embedded import default_redis_url
 from store.settings import Lifetimes
-from store.topology import ShardsMismatch
+from store import ShardsMismatch
 
 SECRET_ENV = "TOKENRELAY_AUTH_SECRET"
 

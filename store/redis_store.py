@@ -25,7 +25,7 @@ from protocol.messages import (
     server_decoder,
     state_of,
 )
-from store import Unavailable, keys, scripts
+from store import NotReplicated, Unavailable, keys, scripts
 from store.cluster import CommandClient
 from store.keys import Keyspace
 from store.lean import Command, LeanClient, raised
@@ -145,7 +145,7 @@ class Store:
             "detach_ms": lt.detach_grace_ms,
             "cancel_ends": int(cancel_ends),
             "publish": publish,
-            "publish_terminal": int(not wait_replicas),
+            "defer_end": int(bool(wait_replicas)),
         }
         self._publish = publish
         self._wait_replicas = wait_replicas
@@ -166,6 +166,7 @@ class Store:
         self._append_sha = hashlib.sha1(self._append_text.encode()).hexdigest()
         self._finish = client.register_script(scripts.configured(scripts.FINISH, config))
         self._save_answer = client.register_script(scripts.configured(scripts.SAVE_ANSWER, config))
+        self._end_log = client.register_script(scripts.configured(scripts.END_LOG, config))
         self._connect = client.register_script(scripts.CONNECT)
 
     @classmethod
@@ -317,27 +318,42 @@ class Store:
         self, script: Any, script_keys: list[str], args: list[Any], message_id: str, *, replicated: bool
     ) -> list[Any]:
         """Run a script that may end a message (its last reply: the terminal frame it wrote, or
-        ''). With `wait_replicas`, the script does not publish the frame: it is published here
-        once the replicas have it (WAIT), so no client sees an end that a failover could lose.
-        `replicated`: no replica answering in time is `Unavailable` (the caller retries; the
-        scripts answer a repeated call as the first), not a publish anyway."""
+        ''). With `wait_replicas`, the script defers the end (`store.scripts.write_terminal`):
+        it goes into the log and out to clients here (`publish_end`) once a replica of the
+        message's master has it (WAIT), so no client sees an end a failover could lose (a
+        master left without replicas, after a failover, waits for none). `replicated`: no
+        replica answering in time is `NotReplicated` (the caller retries; the scripts answer a
+        repeated call as the first), instead of publishing anyway."""
         if not self._wait_replicas:
             reply: list[Any] = await self._lean_script(script, script_keys, args)
             return reply
         call = ("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
-        replies = await self.lean.execute([call, ("WAIT", self._wait_replicas, WAIT_MS)])
+        replies = await self.lean.execute([call, ("ROLE",)])  # ROLE goes to the script's master
         try:
             reply = raised(replies[0])
         except redis.exceptions.NoScriptError:
             await self.redis.script_load(script.script)
-            replies = await self.lean.execute([call, ("WAIT", self._wait_replicas, WAIT_MS)])
+            replies = await self.lean.execute([call, ("ROLE",)])
             reply = raised(replies[0])
-        acked = int(raised(replies[1]))
-        if reply[-1]:
-            if replicated and acked < self._wait_replicas:
-                raise Unavailable(f"the end of {message_id} is on no replica yet")
-            await self.lean.call(self._publish, keys.live_channel(message_id), reply[-1])
+        frame = reply[-1]
+        if not frame:
+            return reply
+        replicas = len(raised(replies[1])[2])
+        if replicas:
+            _, acked = await self.lean.execute([("EXISTS", script_keys[0]), ("WAIT", 1, WAIT_MS)])
+            if replicated and int(raised(acked)) < 1:
+                raise NotReplicated(f"the end of {message_id} is on no replica yet")
+        await self.publish_end(message_id)
         return reply
+
+    async def publish_end(self, message_id: str) -> bool:
+        """Put a message's deferred end into its log and out to clients (see `_ended`); False
+        when it has none (it ended without deferring, or it has not ended)."""
+        async with guarded():
+            done = await self._lean_script(
+                self._end_log, [keys.meta(message_id), keys.log(message_id)], [keys.live_channel(message_id)]
+            )
+        return bool(done)
 
     async def notify_worker(self, worker_id: str, message_id: str) -> None:
         """Push a cancel to the worker running the message (its cancel key is already set)."""

@@ -49,14 +49,20 @@ end
 
 -- `text` false: the answer's text is saved later (`save_answer`) by the worker that has it.
 -- The terminal sits right after the last chunk the store accepted (`last_seq`): `head .. seq ..
--- tail` is its frame, returned, and published on `channel` unless the store publishes it once
--- a replica has it (C.publish_terminal 0: Redis Cluster). `reason`: the cancel's, kept in the
--- meta hash (nil for other ends).
+-- tail` is its frame, returned. It goes into the log and out on `channel` at once, or, with
+-- C.defer_end 1 (a Redis Cluster whose masters have replicas), it is kept in the meta hash
+-- (`end`) and put there by END_LOG once a replica has the end, so that no reader sees an end a
+-- failover could lose. `reason`: the cancel's, kept in the meta hash (nil for other ends).
 local function write_terminal(mid, channel, state, head, tail, text, hist_status, grace_status, reason)
   local seq = redis.call('HGET', KEYS[1], 'last_seq') or '0'
   local frame = head .. seq .. tail
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', C.log_maxlen, (tonumber(seq) + 1) .. '-0', 'f', frame)
-  redis.call('EXPIRE', KEYS[2], C.ended_ttl)
+  if C.defer_end == 1 then
+    redis.call('HSET', KEYS[1], 'end', frame)
+  else
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', C.log_maxlen, (tonumber(seq) + 1) .. '-0', 'f', frame)
+    redis.call('EXPIRE', KEYS[2], C.ended_ttl)
+    redis.call(C.publish, channel, frame)
+  end
   redis.call('HSET', KEYS[1], 'state', state)
   if reason then redis.call('HSET', KEYS[1], 'cancel_reason', reason) end
   redis.call('HDEL', KEYS[1], 'job')
@@ -67,7 +73,6 @@ local function write_terminal(mid, channel, state, head, tail, text, hist_status
   if redis.call('GET', KEYS[6]) == mid then redis.call('DEL', KEYS[6]) end
   if text then save_answer(mid, text, hist_status, false) end
   redis.call('ZREM', KEYS[9], mid)
-  if C.publish_terminal == 1 then redis.call(C.publish, channel, frame) end
   return frame
 end
 """
@@ -209,9 +214,10 @@ FINISH = PRELUDE + r"""
 -- ARGV: mid, worker, attempt, state, frame head, frame tail, text, history status,
 --       grace status, cancelled frame head, cancelled frame tail (frames split at their seq),
 --       live channel
--- Returns {1, frame} (ended as asked), {2, frame} (ended cancelled instead), {3, ''} (the store
--- had already ended it cancelled: only the answer's text is saved), {0, ''} (not ours); the
--- frame is the terminal's (also when a repeated call finds the message ended as asked).
+-- Returns {1, frame} (ended as asked), {2, frame} (ended cancelled instead), {3, frame} (the
+-- store had already ended it cancelled: only the answer's text is saved; the frame, when its
+-- end is still deferred), {0, ''} (not ours); the frame is the terminal's (also when a repeated
+-- call finds the message ended as asked).
 -- A cancel answered `cancelling` promises a `cancelled` terminal: if its key is set when a
 -- job finishes on its own (the Stop raced the last token), the message ends cancelled.
 local m = redis.call('HMGET', KEYS[1], 'worker', 'attempt', 'state', 'last_seq')
@@ -219,7 +225,7 @@ if m[1] ~= ARGV[2] or m[2] ~= ARGV[3] then return {0, ''} end
 if m[3] == 'cancelled' then
   save_answer(ARGV[1], ARGV[7], 'cancelled', true)
   redis.call('DEL', KEYS[4])
-  return {3, ''}
+  return {3, redis.call('HGET', KEYS[1], 'end') or ''}
 end
 if m[3] == ARGV[4] then return {1, ARGV[5] .. m[4] .. ARGV[6]} end
 if m[3] ~= 'running' then return {0, ''} end
@@ -227,6 +233,23 @@ if ARGV[4] == 'done' and redis.call('EXISTS', KEYS[4]) == 1 then
   return {2, write_terminal(ARGV[1], ARGV[12], 'cancelled', ARGV[10], ARGV[11], ARGV[7], 'cancelled', 'cancelled', nil)}
 end
 return {1, write_terminal(ARGV[1], ARGV[12], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], nil)}
+"""
+
+END_LOG = r"""
+-- KEYS: meta, log; ARGV: live channel
+-- A deferred end (write_terminal with C.defer_end 1) goes into the log, after the last chunk,
+-- and out on the live channel. Returns 1, or 0 when there is no deferred end. Run again, it
+-- adds nothing to the log (and publishes again: relays drop a terminal they already have).
+local m = redis.call('HMGET', KEYS[1], 'end', 'last_seq')
+if not m[1] then return 0 end
+local position = tonumber(m[2] or '0') + 1
+local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+if not top or tonumber(string.match(top[1], '^(%d+)')) < position then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', C.log_maxlen, position .. '-0', 'f', m[1])
+end
+redis.call('EXPIRE', KEYS[2], C.ended_ttl)
+redis.call(C.publish, ARGV[1], m[1])
+return 1
 """
 
 SAVE_ANSWER = PRELUDE + r"""

@@ -23,7 +23,7 @@ from redis.backoff import NoBackoff
 from redis.connection import parse_url
 from redis.driver_info import DriverInfo
 
-from store import StoreError, keys
+from store import ShardsMismatch, keys
 from store.cluster import ClusterClient, CommandClient, has_sharded_pubsub
 from store.cluster_subscriber import ClusterSubscriber, OnResubscribed
 from store.keys import Keyspace
@@ -39,10 +39,6 @@ SHARDS_PER_MASTER = 4
 _DRIVER_INFO = DriverInfo()
 """Resolved once: redis-py otherwise reads its package metadata (an email-parser pass over
 METADATA) for every new connection, a large share of a busy gateway's CPU."""
-
-
-class ShardsMismatch(StoreError):
-    """The deployment records another number of shards than this process was asked for."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from protocol.logconfig import configure_logging
 from store import topology
 from store.embedded import default_redis_url
 from store.settings import Lifetimes
-from store.topology import ShardsMismatch
+from store import ShardsMismatch
 from worker import ModelError
 from worker.engines.base import DEFAULT_TEMPERATURE, Engine
 from worker.runner import Worker, WorkerConfig

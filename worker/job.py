@@ -20,7 +20,8 @@ from protocol.jobs import Job
 from protocol.messages import Chunk, Error, ErrorCode, FinishReason, Terminal, encode_text, state_of
 from store import keys
 from store.redis_store import Append, Ending, Store
-from store.retry import DeadlinePassed, retry
+from store import DeadlinePassed, NotReplicated
+from store.retry import retry
 from worker import PromptTooLong, metrics
 from worker.cancel_token import CancelToken
 from worker.engines.base import Engine, Finish, GenerationRequest, Turn
@@ -153,7 +154,8 @@ async def end(
 ) -> Ending:
     """Write the terminal event of `job`'s message (fenced by worker and attempt). Refused
     past `deadline_s`, the message ends `error` / `unavailable` instead, written whenever Redis
-    lets it."""
+    lets it. An end written but on no replica yet (`NotReplicated`) is not refused: it is
+    tried again, unchanged, until a replica has it."""
     mid, user, sid = job.message_id, job.user, job.session_id
     try:
         return await retry(
@@ -163,6 +165,10 @@ async def end(
         )
     except DeadlinePassed as exc:
         log.error("finish_refused", error=str(exc))
+        if isinstance(exc.__cause__, NotReplicated):
+            return await retry(
+                lambda: store.finish(mid, worker_id, attempt, terminal, text, user=user, session_id=sid), "finish"
+            )
     unavailable = Error(code="unavailable", message="the message store refused writes for too long",
                         message_id=mid, seq=0)
     return await retry(

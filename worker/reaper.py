@@ -145,6 +145,8 @@ class Reaper:
             if owner is not None and state == "cancelled":
                 text = await worker.partial_text(message_id)
                 await store.save_cancelled_answer(message_id, text, owner.user, owner.session_id)
+            if state in ("done", "cancelled", "error"):
+                await store.publish_end(message_id)  # an end whose worker died before publishing it
             await worker.ack(message_id, entry_id)
             return
         attempt, last_seq, job = taken

@@ -30,7 +30,8 @@ import structlog
 
 from store import Unavailable
 from store.redis_store import Append, Store, append_outcome
-from store.retry import REDIS_ERRORS, Backoff, DeadlinePassed
+from store import DeadlinePassed
+from store.retry import REDIS_ERRORS, Backoff
 from store.tasks import Supervisor
 
 log = structlog.get_logger("worker.writer")
