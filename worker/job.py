@@ -39,7 +39,8 @@ class Running:
     attempt: int
     token: CancelToken = field(default_factory=CancelToken)
     cancel_source: str | None = None
-    """How a user's cancel reached this worker (`push`, `catch_up`), for the job's log line."""
+    """How a user's cancel reached this worker (`push`, `catch_up`, `refused_write`: a chunk
+    write refused because the store had ended the message), for the job's log line."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +236,8 @@ class ChunkStream:
         if stop is not Stop.GO_ON:
             if stop.value == UNAVAILABLE:
                 log.error("chunk_write_failed", seq=seq, error=str(outcome))
-            self._running.token.cancel(stop.value)
+            if self._running.token.cancel(stop.value) and stop is Stop.CANCELLED:
+                self._running.cancel_source = "refused_write"  # the store ended it before the push came
         if not self._progress.writing and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 

@@ -142,9 +142,10 @@ async def test_cancel_during_a_long_stream(cluster: ProcessCluster) -> None:
     # Logged on each process it passed through, with the ids and the phase it hit.
     await wait_until(lambda: bool(log_lines(cluster.workers, "job_finished", mid)))
     (finished,) = log_lines(cluster.workers, "job_finished", mid)
-    assert (finished["outcome"], finished["cancel_source"], finished["cancel_phase"]) == (
-        "cancelled", "push", "generating"
-    )
+    assert (finished["outcome"], finished["cancel_phase"]) == ("cancelled", "generating")
+    # the push; on a cluster the cancel waits for a replica before it pushes, and the worker's
+    # next chunk, refused, may tell it first
+    assert finished["cancel_source"] in (("push", "refused_write") if cluster.cluster else ("push",)), finished
     (cancel,) = log_lines(cluster.gateways, "cancel", mid)
     assert cancel["status"] == "cancelling" and cancel["worker_id"] == finished["worker_id"]
     assert cancel["gateway_id"] and cancel["session_id"] == "s"
