@@ -336,14 +336,16 @@ def _unfinished(cluster: Cluster) -> tuple[list[dict[str, str]], int]:
     client = cluster.redis_client()
     try:
         left = []
-        for key in client.scan_iter(match=keys.META_PREFIX + "*", count=1000):
+        for key in client.scan_iter(match=keys.META_PATTERN, count=1000):
             meta = {_text(k): _text(v) for k, v in client.hgetall(key).items()}
             if meta.get("state") in ("queued", "running"):
-                left.append({"message_id": _text(key).removeprefix(keys.META_PREFIX), **meta})
-        try:
-            pending = int(client.xpending(keys.JOBS_STREAM, keys.WORKER_GROUP)["pending"])
-        except sync_redis.ResponseError:
-            pending = 0
+                left.append({"message_id": keys.message_of_key(key), **meta})
+        pending = 0
+        for stream in keys.Keyspace(int(client.hget(keys.CONFIG, "shards") or 1)).job_streams():
+            try:
+                pending += int(client.xpending(stream, keys.WORKER_GROUP)["pending"])
+            except sync_redis.ResponseError:
+                pass  # no stream yet
         return left, pending
     finally:
         client.close()

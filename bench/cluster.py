@@ -294,7 +294,8 @@ class Cluster:
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:
-                queued = int(client.zcard(keys.BACKLOG))
+                keyspace = keys.Keyspace(int(client.hget(keys.CONFIG, "shards") or 1))
+                queued = sum(int(client.zcard(backlog)) for backlog in keyspace.backlogs())
                 active = 0
                 for key in client.keys(keys.INSTANCE_PREFIX + "worker:*"):
                     active += int(client.hget(key, "active") or 0)

@@ -131,21 +131,19 @@ async def read_instances(r: aioredis.Redis, now: float) -> list[Instance]:
 
 
 async def read_jobs(r: aioredis.Redis) -> tuple[int, int, int, int]:
-    """(stream length, pending in the workers' group, backlog, dead letters)."""
-    async with r.pipeline(transaction=False) as pipe:
-        pipe.xlen(keys.JOBS_STREAM)
-        pipe.zcard(keys.BACKLOG)
-        pipe.xlen(keys.DEAD_STREAM)
-        length, queued, dead = await pipe.execute()
-    pending = 0
-    try:
-        groups: list[dict[str, Any]] = await r.xinfo_groups(keys.JOBS_STREAM)
-    except redis.exceptions.ResponseError:
-        groups = []  # no stream yet
-    for group in groups:
-        if group.get("name") == keys.WORKER_GROUP:
-            pending = int(group.get("pending", 0))
-    return int(length), pending, int(queued), int(dead)
+    """(length of the job streams, entries pending in the workers' groups, backlog, dead
+    letters), summed over the deployment's shards."""
+    keyspace = keys.Keyspace(int(await r.hget(keys.CONFIG, "shards") or 1))
+    length = queued = pending = 0
+    for stream, backlog in zip(keyspace.job_streams(), keyspace.backlogs()):
+        length += int(await r.xlen(stream))
+        queued += int(await r.zcard(backlog))
+        try:
+            groups: list[dict[str, Any]] = await r.xinfo_groups(stream)
+        except redis.exceptions.ResponseError:
+            groups = []  # no stream yet
+        pending += sum(int(g.get("pending", 0)) for g in groups if g.get("name") == keys.WORKER_GROUP)
+    return length, pending, queued, int(await r.xlen(keys.DEAD_STREAM))
 
 
 def parse_counters(text: str) -> dict[str, dict[str, float]]:

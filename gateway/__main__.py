@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import os
 import signal
@@ -24,8 +25,10 @@ from protocol.auth import DEFAULT_TTL_S, check_secret, mint_token
 from protocol.errors import AuthError
 from protocol.limits import Quotas
 from protocol.logconfig import configure_logging
+from store import topology
 from store.embedded import default_redis_url
 from store.settings import Lifetimes
+from store import ShardsMismatch
 
 SECRET_ENV = "TOKENRELAY_AUTH_SECRET"
 
@@ -36,6 +39,7 @@ def serve_parser() -> argparse.ArgumentParser:
                         help="address to listen on; other than loopback only with an auth secret (or --insecure)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     parser.add_argument("--redis-url", default=default_redis_url(), help="default: $REDIS_URL, else the embedded Redis")
+    topology.add_arguments(parser)
     secret = parser.add_mutually_exclusive_group()
     secret.add_argument("--auth-secret", metavar="SECRET",
                         help=f"token signing secret, at least 32 bytes (default: ${SECRET_ENV}); prefer "
@@ -143,12 +147,16 @@ def config_of(args: argparse.Namespace) -> GatewayConfig:
     )
 
 
-async def serve(config: GatewayConfig) -> None:
+async def serve(config: GatewayConfig, args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await Gateway(config).run(stop)
+    try:
+        found = await topology.discover_for(args)
+    except ShardsMismatch as exc:
+        sys.exit(f"python -m gateway: error: {exc}")
+    await Gateway(dataclasses.replace(config, topology=found)).run(stop)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     # Everything imported so far lives as long as the process: out of the collector's
     # sight, a full collection no longer walks ~40k objects (a 20-30 ms pause, measured).
     gc.freeze()
-    uvloop.run(serve(config))
+    uvloop.run(serve(config, args))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ from protocol.messages import Error, encode_text
 from protocol.relay import SeqTracker, Verdict
 from store import Unavailable, keys
 from store.redis_store import LOG_PAGE, Store
+from store.cluster_subscriber import ClusterSubscriber
 from store.subscriber import Subscriber
+from store.topology import Topology
 from store.retry import Backoff
 from store.tasks import Supervisor
 from gateway import metrics
@@ -39,7 +41,6 @@ class Envelope(msgspec.Struct):
 
 _envelope = msgspec.json.Decoder(Envelope)
 TERMINAL_TYPES = frozenset({"done", "cancelled", "error"})
-_LIVE_PREFIX_LEN = len(keys.LIVE_PREFIX)
 _RESYNCS = {
     cause: metrics.RESYNCS.labels(cause) for cause in ("start", "gap", "overflow", "idle", "reconnect")
 }
@@ -47,14 +48,18 @@ _RESYNCS = {
 
 class LiveHub:
     def __init__(
-        self, redis_url: str, idle_resync_s: float = 2.0, confirm_timeout_s: float = 2.0, replay_page: int = LOG_PAGE
+        self,
+        topology: Topology,
+        idle_resync_s: float = 2.0,
+        confirm_timeout_s: float = 2.0,
+        replay_page: int = LOG_PAGE,
     ) -> None:
-        self._url = redis_url
+        self._topology = topology
         self.replay_page = replay_page
         """Log entries a relay reads at once when it replays."""
         self.confirm_timeout_s = confirm_timeout_s
         self._watchers: dict[str, set[Relay]] = {}
-        self._subscriber: Subscriber | None = None
+        self._subscriber: Subscriber | ClusterSubscriber | None = None
         self._tasks = Supervisor()
         self.idle_resync_s = idle_resync_s
 
@@ -102,11 +107,18 @@ class LiveHub:
                         relay.resync("idle")
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
-        watchers = self._watchers.get(channel[_LIVE_PREFIX_LEN:].decode())
+        watchers = self._watchers.get(keys.message_of_live_channel(channel))
         if not watchers:
             return
         for relay in list(watchers):
             relay.push(data)
+
+    def _on_resubscribed(self, channels: list[str]) -> None:
+        """A cluster node was lost or a slot moved: these channels are subscribed again, and
+        what was published meanwhile is in the logs."""
+        for channel in channels:
+            for relay in list(self._watchers.get(keys.message_of_live_channel(channel.encode()), ())):
+                relay.resync("reconnect")
 
     async def _maintain(self) -> None:
         """Keep one subscriber connected. After each (re)connect: subscribe every watched
@@ -115,7 +127,7 @@ class LiveHub:
         backoff = Backoff()
         while True:
             try:
-                subscriber = await Subscriber.open(self._url, self._on_message)
+                subscriber = await self._topology.subscriber(self._on_message, self._on_resubscribed)
             except Unavailable as exc:
                 delay = await backoff.wait()
                 log.warning("live_hub_retry", error=str(exc), backoff_s=round(delay, 3))

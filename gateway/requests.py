@@ -8,15 +8,12 @@ from typing import TYPE_CHECKING
 import structlog
 
 from gateway import metrics
-from protocol.ids import is_message_id, new_message_id
 from protocol.jobs import Job
 from protocol.messages import Accepted, Cancel, CancelResult, CancelStatus, Chat, Resume
 from store import Unavailable
 
 if TYPE_CHECKING:
     from gateway.connection import Connection
-
-__all__ = ["cancel", "chat", "new_message_id", "resume", "tell_worker"]
 
 log = structlog.get_logger("gateway.requests")
 
@@ -29,7 +26,7 @@ has to end first, which no clock foretells."""
 async def chat(conn: Connection, message: Chat) -> None:
     gw = conn.gw
     job = Job(
-        message_id=new_message_id(),
+        message_id=gw.store.new_message_id(conn.user),
         user=conn.user,
         session_id=message.session_id,
         text=message.text,
@@ -88,7 +85,7 @@ async def cancel(conn: Connection, message: Cancel) -> None:
     status: CancelStatus = "not_found"
     worker = ""
     with conn.cancel_result_first(target or ""):
-        if target is not None and is_message_id(target):  # one never issued: not_found, no Redis key built
+        if target is not None:  # an id never issued to this user is not_found without a Redis key built
             status, worker = await gw.store.cancel(target, conn.user, "user")
         await conn.reply(CancelResult(status=status, message_id=target, session_id=message.session_id))
     elapsed = time.perf_counter() - started
@@ -120,8 +117,9 @@ async def tell_worker(conn: Connection, worker: str, message_id: str) -> None:
 
 
 async def resume(conn: Connection, message: Resume) -> None:
-    owner = await conn.gw.store.message_owner(message.message_id) if is_message_id(message.message_id) else None
-    if owner is None or owner[0] != conn.user:
+    store = conn.gw.store
+    owner = await store.message_owner(message.message_id) if store.may_own(conn.user, message.message_id) else None
+    if owner is None or owner.user != conn.user:
         await conn.error("not_found", "no such message (unknown, expired, or not yours)", message_id=message.message_id)
         return
     await conn.gw.store.refresh_attach([message.message_id], conn.gw.store.lifetimes.detach_grace_ms)

@@ -26,7 +26,8 @@ from protocol.limits import LogThrottle, Quotas
 from protocol.origin import origin_allowed
 from protocol.validation import Limits
 from store import Unavailable
-from store.redis_store import Store, connect
+from store.redis_store import Store
+from store.topology import Topology, single
 from store.registry import Registry, read_instances
 from store.retry import REDIS_ERRORS
 from store.settings import Lifetimes
@@ -66,6 +67,8 @@ class GatewayConfig:
     """A cancel ends a running message in the store at once. False: the polling baseline
     of the benchmarks (the worker that polls the cancel key ends it)."""
     instance_id: str = field(default_factory=lambda: f"g-{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}")
+    topology: Topology | None = None
+    """Where the data lives (`store.topology.discover`); None: one Redis at `redis_url`, one shard."""
 
     def __post_init__(self) -> None:
         if self.auth_secret is not None:
@@ -79,8 +82,9 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.id = config.instance_id
-        self.store = Store(connect(config.redis_url, timeout_s=2.0), config.lifetimes, config.cancel_ends)
-        self.hub = LiveHub(config.redis_url)
+        topology = config.topology or single(config.redis_url)
+        self.store = Store.open(topology, config.lifetimes, config.cancel_ends)
+        self.hub = LiveHub(topology)
         self.connections: set[Connection] = set()
         self.server: Server | None = None
         self._port: int | None = None
@@ -108,6 +112,7 @@ class Gateway:
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         structlog.contextvars.bind_contextvars(gateway_id=self.id)
+        await self.store.start()
         if self.config.auth_secret is None:
             log.warning("auth_disabled",
                         hint="set TOKENRELAY_AUTH_SECRET or --auth-secret-file to require signed tokens")

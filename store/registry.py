@@ -17,7 +17,8 @@ from typing import Any
 import structlog
 
 from store import keys
-from store.redis_store import Redis, Store
+from store.redis_store import Store
+from store.topology import AnyRedis
 from store.retry import REDIS_ERRORS
 
 log = structlog.get_logger("store.registry")
@@ -25,7 +26,7 @@ log = structlog.get_logger("store.registry")
 Fields = Mapping[str, str | int | float]
 
 
-async def read_instances(redis: Redis, kind: str = "*") -> list[dict[str, str]]:
+async def read_instances(redis: AnyRedis, kind: str = "*") -> list[dict[str, str]]:
     """The records of the registered instances (of one kind, or all), as text."""
     names = [key async for key in redis.scan_iter(match=keys.instance(kind, "*"), count=500)]
     if not names:

@@ -18,7 +18,7 @@ import redis.exceptions
 import structlog
 from redis.backoff import EqualJitterBackoff
 
-from store import Unavailable
+from store import DeadlinePassed, Unavailable
 
 log = structlog.get_logger("store.retry")
 
@@ -69,10 +69,6 @@ class Backoff:
         delay = self.next_delay()
         await asyncio.sleep(delay)
         return delay
-
-
-class DeadlinePassed(Unavailable):
-    """Redis kept refusing an operation until its deadline."""
 
 
 async def retry(

@@ -23,6 +23,7 @@ import redis
 
 from store import embedded
 from store.embedded import ClusterNode, EmbeddedCluster
+from store.topology import Topology, discover
 from tests.support import t
 
 
@@ -34,6 +35,10 @@ class RedisTarget:
     url: str
     cluster: bool
     embedded: EmbeddedCluster | None = None
+
+    async def topology(self) -> Topology:
+        """The topology gateways and workers in the test's process use (as `discover` finds it)."""
+        return await discover(self.url, cluster=self.cluster)
 
 
 def _start(directory: Path, server: str) -> Iterator[EmbeddedCluster]:
@@ -59,7 +64,7 @@ def redis7_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedde
     yield from _start(tmp_path_factory.mktemp("cluster7"), server)
 
 
-async def _healthy_and_flushed(cluster: EmbeddedCluster) -> EmbeddedCluster:
+async def healthy_and_flushed(cluster: EmbeddedCluster) -> EmbeddedCluster:
     """The session cluster as a test needs it: healthy (a failover test before may have left
     it mid-recovery), every master flushed."""
     await asyncio.to_thread(cluster.wait_healthy, t(30))
@@ -69,14 +74,14 @@ async def _healthy_and_flushed(cluster: EmbeddedCluster) -> EmbeddedCluster:
 
 @pytest.fixture
 async def cluster_url(redis_cluster: EmbeddedCluster) -> str:
-    return (await _healthy_and_flushed(redis_cluster)).url
+    return (await healthy_and_flushed(redis_cluster)).url
 
 
 @pytest.fixture(params=["6.2", "7"])
 async def any_cluster(request: pytest.FixtureRequest) -> EmbeddedCluster:
     """The test runs on a 6.2 cluster (PUBLISH broadcast) and on a 7 cluster (sharded)."""
     fixture = "redis_cluster" if request.param == "6.2" else "redis7_cluster"
-    return await _healthy_and_flushed(request.getfixturevalue(fixture))
+    return await healthy_and_flushed(request.getfixturevalue(fixture))
 
 
 @pytest.fixture(params=["single", "cluster"])
@@ -88,7 +93,7 @@ async def redis_target(request: pytest.FixtureRequest) -> RedisTarget:
         pytest.skip(f"TOKENRELAY_TEST_TARGETS={only}")
     if request.param == "single":
         return RedisTarget(request.getfixturevalue("redis_url"), cluster=False)
-    cluster = await _healthy_and_flushed(request.getfixturevalue("redis_cluster"))
+    cluster = await healthy_and_flushed(request.getfixturevalue("redis_cluster"))
     return RedisTarget(cluster.url, cluster=True, embedded=cluster)
 
 

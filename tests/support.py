@@ -21,12 +21,25 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 
 from gateway.server import Gateway, GatewayConfig
+from protocol.ids import new_message_id
 from store.embedded import free_port
+from store.keys import Keyspace
+from store.registry import read_instances
+from store.topology import Topology
 from worker.engines.base import Engine
 from worker.engines.synthetic import SyntheticEngine
 from worker.runner import Worker, WorkerConfig
 
 SCALE = float(os.environ.get("TOKENRELAY_TEST_TIMEOUT_SCALE", "1"))
+KEYSPACE = Keyspace()
+"""The keys of the deployments tests start (one shard, as gateways and workers default to)."""
+JOBS_STREAM = KEYSPACE.job_streams()[0]
+BACKLOG = KEYSPACE.backlogs()[0]
+
+
+def message_id(user: str = "u") -> str:
+    """A fresh id for a message of `user`, as a gateway mints it."""
+    return new_message_id(KEYSPACE.tag_of_user(user))
 TERMINALS = ("done", "cancelled", "error")
 
 
@@ -248,9 +261,12 @@ class ProcessCluster:
     procs: list[Proc] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
     """Set in every process's environment (e.g. TOKENRELAY_AUTH_SECRET)."""
+    cluster: bool = False
+    """`redis_url` names a node of a Redis Cluster (the processes get REDIS_CLUSTER=1)."""
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ, REDIS_URL=self.redis_url, PYTHONUNBUFFERED="1", LOG_LEVEL="info")
+        env = dict(os.environ, REDIS_URL=self.redis_url, PYTHONUNBUFFERED="1", LOG_LEVEL="info",
+                   REDIS_CLUSTER="1" if self.cluster else "")
         env.pop("TOKENRELAY_AUTH_SECRET", None)
         env.update(self.extra_env)
         return env
@@ -279,16 +295,12 @@ class ProcessCluster:
         return [p for p in self.procs if p.kind == "worker"]
 
     async def wait_healthy(self, timeout: float = 20.0) -> None:
-        import redis.asyncio as aioredis
-
-        from store import keys
-
         for proc in self.gateways:
             await wait_until(lambda: http_ok(proc.port or 0, "/healthz"), timeout)
-        r = aioredis.Redis.from_url(self.redis_url)
+        r = Topology(self.redis_url, self.cluster).client()
 
         async def workers_registered() -> bool:
-            return len(await r.keys(keys.INSTANCE_PREFIX + "worker:*")) >= len(self.workers)
+            return len(await read_instances(r, "worker")) >= len(self.workers)
 
         try:
             await wait_until(workers_registered, timeout)

@@ -14,8 +14,10 @@ import uvloop
 
 from protocol import coalesce
 from protocol.logconfig import configure_logging
+from store import topology
 from store.embedded import default_redis_url
 from store.settings import Lifetimes
+from store import ShardsMismatch
 from worker import ModelError
 from worker.engines.base import DEFAULT_TEMPERATURE, Engine
 from worker.runner import Worker, WorkerConfig
@@ -24,6 +26,7 @@ from worker.runner import Worker, WorkerConfig
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m worker", description="tokenrelay generation worker")
     parser.add_argument("--redis-url", default=default_redis_url(), help="default: $REDIS_URL, else the embedded Redis")
+    topology.add_arguments(parser)
     parser.add_argument("--engine", choices=["llama", "synthetic"], default=os.environ.get("TOKENRELAY_ENGINE", "llama"))
     parser.add_argument(
         "--model",
@@ -110,9 +113,14 @@ def build_engines(args: argparse.Namespace) -> list[Engine]:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    try:
+        found = await topology.discover_for(args)
+    except ShardsMismatch as exc:
+        sys.exit(f"python -m worker: error: {exc}")
     engines = build_engines(args)
     config = WorkerConfig(
         redis_url=args.redis_url,
+        topology=found,
         concurrency=len(engines),
         drain_timeout_s=args.drain_timeout,
         redis_deadline_s=args.redis_deadline,

@@ -14,10 +14,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 
-import redis.asyncio as aioredis
 import structlog
 
 from store.retry import REDIS_ERRORS, Backoff
+from store.topology import AnyRedis
 
 log = structlog.get_logger("worker.consume")
 
@@ -28,7 +28,7 @@ MIN_BLOCK_MS = 50
 class Consumer:
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         streams: Sequence[str],
         group: str,
         name: str,

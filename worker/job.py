@@ -20,7 +20,8 @@ from protocol.jobs import Job
 from protocol.messages import Chunk, Error, ErrorCode, FinishReason, Terminal, encode_text, state_of
 from store import keys
 from store.redis_store import Append, Ending, Store
-from store.retry import DeadlinePassed, retry
+from store import DeadlinePassed, NotReplicated
+from store.retry import retry
 from worker import PromptTooLong, metrics
 from worker.cancel_token import CancelToken
 from worker.engines.base import Engine, Finish, GenerationRequest, Turn
@@ -38,7 +39,8 @@ class Running:
     attempt: int
     token: CancelToken = field(default_factory=CancelToken)
     cancel_source: str | None = None
-    """How a user's cancel reached this worker (`push`, `catch_up`), for the job's log line."""
+    """How a user's cancel reached this worker (`push`, `catch_up`, `refused_write`: a chunk
+    write refused because the store had ended the message), for the job's log line."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +85,7 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
         return "lost"
     terminal = terminal_event(job.message_id, failure=failure, cancel_reason=running.token.reason, finish=finish)
     ending = await end(
-        services.store, services.worker_id, running.attempt, terminal, progress.answer, services.redis_deadline_s,
-        user=job.user,
+        services.store, services.worker_id, running.attempt, job, terminal, progress.answer, services.redis_deadline_s
     )
     state: Outcome
     match ending:
@@ -150,24 +151,30 @@ async def generate(
 
 
 async def end(
-    store: Store, worker_id: str, attempt: int, terminal: Terminal, text: str, deadline_s: float, *, user: str
+    store: Store, worker_id: str, attempt: int, job: Job, terminal: Terminal, text: str, deadline_s: float
 ) -> Ending:
-    """Write the terminal event (fenced by worker and attempt) of a message of `user`.
-    Refused past `deadline_s`, the message ends `error` / `unavailable` instead, written
-    whenever Redis lets it."""
-    message_id = terminal.message_id
-    assert message_id is not None
+    """Write the terminal event of `job`'s message (fenced by worker and attempt). Refused
+    past `deadline_s`, the message ends `error` / `unavailable` instead, written whenever Redis
+    lets it. An end written but on no replica yet (`NotReplicated`) is not refused: it is
+    tried again, unchanged, until a replica has it."""
+    mid, user, sid = job.message_id, job.user, job.session_id
     try:
         return await retry(
-            lambda: store.finish(message_id, worker_id, attempt, terminal, text, user=user),
+            lambda: store.finish(mid, worker_id, attempt, terminal, text, user=user, session_id=sid),
             "finish",
             deadline_s=deadline_s,
         )
     except DeadlinePassed as exc:
         log.error("finish_refused", error=str(exc))
+        if isinstance(exc.__cause__, NotReplicated):
+            return await retry(
+                lambda: store.finish(mid, worker_id, attempt, terminal, text, user=user, session_id=sid), "finish"
+            )
     unavailable = Error(code="unavailable", message="the message store refused writes for too long",
-                        message_id=message_id, seq=0)
-    return await retry(lambda: store.finish(message_id, worker_id, attempt, unavailable, text, user=user), "finish")
+                        message_id=mid, seq=0)
+    return await retry(
+        lambda: store.finish(mid, worker_id, attempt, unavailable, text, user=user, session_id=sid), "finish"
+    )
 
 
 class ChunkStream:
@@ -216,14 +223,21 @@ class ChunkStream:
         if every and seq % every == 0:
             self._polls.append(asyncio.ensure_future(self._poll_cancel_key()))
         frame = encode_text(Chunk(message_id=job.message_id, seq=seq, text=chunk))
-        self._services.writer.append(job.message_id, self._running.attempt, seq, frame, self._written)
+        self._services.writer.append(job.message_id, self._running.attempt, seq, frame, self._written, self._earlier)
+
+    def _earlier(self, seq: int) -> str | None:
+        """The frame of an earlier chunk of this generation (to write again after a store
+        lost it), or None for one it did not write."""
+        text = self._progress.text_of(seq)
+        return None if text is None else encode_text(Chunk(message_id=self._running.job.message_id, seq=seq, text=text))
 
     def _written(self, seq: int, outcome: Append | BaseException) -> None:
         stop = self._progress.written(seq, outcome)
         if stop is not Stop.GO_ON:
             if stop.value == UNAVAILABLE:
                 log.error("chunk_write_failed", seq=seq, error=str(outcome))
-            self._running.token.cancel(stop.value)
+            if self._running.token.cancel(stop.value) and stop is Stop.CANCELLED:
+                self._running.cancel_source = "refused_write"  # the store ended it before the push came
         if not self._progress.writing and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 

@@ -78,6 +78,12 @@ class Progress:
                 self.failed = True
                 return Stop.UNAVAILABLE
 
+    def text_of(self, seq: int) -> str | None:
+        """The text of chunk `seq` of this generation, or None for one it did not write."""
+        if self.start_seq < seq <= self.seq:
+            return self.chunks[seq - self.start_seq - 1]
+        return None
+
     @property
     def answer(self) -> str:
         """The text of the chunks the store accepted."""

@@ -25,13 +25,14 @@ import redis.exceptions
 import structlog
 
 from protocol import coalesce
+from protocol.jobs import Job
 from protocol.messages import Error, Terminal
 from store import Unavailable, keys
-from store.redis_store import Redis, Store, connect
+from store.redis_store import Store
+from store.topology import AnyRedis, Topology, ready, single
 from store.registry import Registry
 from store.retry import REDIS_ERRORS, Backoff, retry
 from store.settings import Lifetimes
-from store.subscriber import Subscriber
 from store.tasks import Supervisor
 from worker import metrics
 from worker.consume import Consumer
@@ -60,14 +61,17 @@ class WorkerConfig:
     poll_every_chunks: int = 0
     """0: cancels are pushed (pub/sub). N > 0: benchmark baseline, poll the cancel key every N chunks."""
     lifetimes: Lifetimes = field(default_factory=Lifetimes)
+    topology: Topology | None = None
+    """Where the data lives (`store.topology.discover`); None: one Redis at `redis_url`, one shard."""
 
 
 class Worker:
     def __init__(self, config: WorkerConfig, engines: list[Engine]) -> None:
         self.config = config
         self.id = config.worker_id
-        self.store = Store(connect(config.redis_url), config.lifetimes)
-        self._blocking: Redis = connect(config.redis_url, timeout_s=config.block_ms / 1000 + 5)
+        self.topology = config.topology or single(config.redis_url)
+        self.store = Store.open(self.topology, config.lifetimes)
+        self._blocking: AnyRedis = self.topology.client(timeout_s=config.block_ms / 1000 + 5)
         self._engines: asyncio.Queue[Engine] = asyncio.Queue()
         self._all_engines = engines
         self.writer = ChunkWriter(self.store, self.id, deadline_s=config.redis_deadline_s)
@@ -76,7 +80,7 @@ class Worker:
         """Job stream entries this worker has a task for (claiming, running or ending)."""
         self._job_tasks: set[asyncio.Task[None]] = set()
         self.consumer = Consumer(
-            self._blocking, [keys.JOBS_STREAM], keys.WORKER_GROUP, self.id,
+            self._blocking, self.store.keyspace.job_streams(), keys.WORKER_GROUP, self.id,
             free_slots=self._free_slots, on_entries=self._on_entries, ensure_group=self.ensure_group,
             block_ms=config.block_ms,
         )
@@ -89,7 +93,7 @@ class Worker:
     def _describe(self) -> dict[str, str | int | float]:
         return {"active": len(self.running), "capacity": len(self._all_engines), "model": self._all_engines[0].model}
 
-    async def ensure_group(self, stream: str = keys.JOBS_STREAM) -> None:
+    async def ensure_group(self, stream: str) -> None:
         try:
             await self.store.redis.xgroup_create(stream, keys.WORKER_GROUP, id="0", mkstream=True)
         except redis.exceptions.ResponseError as exc:
@@ -101,7 +105,10 @@ class Worker:
         for engine in self._all_engines:
             await engine.start()
             self._engines.put_nowait(engine)
-        await retry(self.ensure_group, "xgroup_create")
+        await self.store.start()
+        await ready(self._blocking)
+        for stream in self.store.keyspace.job_streams():
+            await retry(lambda: self.ensure_group(stream), "xgroup_create")
         await retry(self.store.load_append_script, "script_load")
         self.writer.start()
         background = Supervisor()
@@ -167,19 +174,19 @@ class Worker:
                 now_ms = int(time.time() * 1000)
                 claimed = await retry(lambda: self.store.claim(message_id, self.id, now_ms), "claim")
                 if claimed is None:
-                    await self.ack(entry_id)
+                    await self.ack(message_id, entry_id)
                     return
                 taken = Taken(*claimed)
             outcome = await self._run(taken)
             if outcome != "lost":
-                await self.ack(entry_id)
+                await self.ack(message_id, entry_id)
         except Exception as exc:  # a job this worker owns must still end: say so in its terminal
             bound.exception("job_failed")
             if taken is not None:
                 why = f"the worker failed: {type(exc).__name__}"
                 error = Error(code="internal", message=why, message_id=message_id, seq=0)
-                await self.end(taken.attempt, error, taken.job.user)
-                await self.ack(entry_id)
+                await self.end(taken.attempt, error, taken.job)
+                await self.ack(message_id, entry_id)
         finally:
             self.handling.discard(entry_id)
 
@@ -207,18 +214,16 @@ class Worker:
         metrics.JOBS.labels(outcome).inc()
         return outcome
 
-    async def end(self, attempt: int, terminal: Terminal, user: str) -> None:
-        """End a message of `user` this worker owns but does not generate, its log's text as
-        the answer."""
-        assert terminal.message_id is not None
-        text = await self.partial_text(terminal.message_id)
-        await end(self.store, self.id, attempt, terminal, text, self.config.redis_deadline_s, user=user)
+    async def end(self, attempt: int, terminal: Terminal, job: Job) -> None:
+        """End a message this worker owns but does not generate, its log's text as the answer."""
+        text = await self.partial_text(job.message_id)
+        await end(self.store, self.id, attempt, job, terminal, text, self.config.redis_deadline_s)
 
     async def partial_text(self, message_id: str) -> str:
         return await retry(lambda: self.store.partial_text(message_id), "partial_text")
 
-    async def ack(self, entry_id: bytes) -> None:
-        await retry(lambda: self.store.ack(entry_id), "xack")
+    async def ack(self, message_id: str, entry_id: bytes) -> None:
+        await retry(lambda: self.store.ack(message_id, entry_id), "xack")
 
     # --- cancellation -------------------------------------------------------------------
 
@@ -247,7 +252,7 @@ class Worker:
         published while nobody listens), then take pushes until it ends. Returns why it
         ended, and whether it got as far as listening."""
         try:
-            subscriber = await Subscriber.open(self.config.redis_url, self._on_cancel_push)
+            subscriber = await self.topology.subscriber(self._on_cancel_push)
         except Unavailable as exc:
             return exc, False
         try:

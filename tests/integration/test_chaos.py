@@ -9,15 +9,21 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis as sync_redis
 
+from protocol.ids import tag_of
 from store import embedded, keys
+from store.keys import Keyspace
+from tests.cluster import healthy_and_flushed
 from tests.support import (
+    JOBS_STREAM,
+    KEYSPACE,
     TERMINALS,
     Client,
     ProcessCluster,
@@ -75,14 +81,46 @@ def synthetic(rate: float = 50, concurrency: int = 5) -> tuple[str, ...]:
     return ("--engine", "synthetic", "--synthetic-rate", str(rate), "--concurrency", str(concurrency))
 
 
-def owner_of(cluster: ProcessCluster, r: PrivateRedis, message_id: str) -> Proc:
-    worker_id = r.client().hget(keys.meta(message_id), "worker")
+SyncRedis = sync_redis.Redis | sync_redis.RedisCluster
+
+
+@dataclass
+class Target:
+    """Processes on a single Redis (AOF, fsync always) or on the session's Redis Cluster, and
+    a client of that Redis."""
+
+    cluster: ProcessCluster
+    redis: SyncRedis
+
+    def keyspace(self) -> Keyspace:
+        """The keys of the deployment, as its processes recorded it."""
+        return Keyspace(int(self.redis.hget(keys.CONFIG, "shards") or 1))
+
+
+@pytest.fixture(params=["single", "cluster"])
+async def chaos(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Target]:
+    if request.param == "single":
+        private: PrivateRedis = request.getfixturevalue("private_redis")
+        target = Target(ProcessCluster(private.url, tmp_path), private.client())
+    else:
+        embedded_cluster = await healthy_and_flushed(request.getfixturevalue("redis_cluster"))
+        url = embedded_cluster.url
+        target = Target(ProcessCluster(url, tmp_path, cluster=True), sync_redis.RedisCluster.from_url(url))
+    try:
+        yield target
+    finally:
+        target.cluster.stop()
+        target.redis.close()
+
+
+def owner_of(cluster: ProcessCluster, r: SyncRedis, message_id: str) -> Proc:
+    worker_id = r.hget(keys.meta(message_id), "worker")
     assert worker_id is not None
     pid = int(worker_id.decode().split("-")[-2])
     return next(p for p in cluster.workers if p.popen is not None and p.popen.pid == pid)
 
 
-def kill_owner(cluster: ProcessCluster, r: PrivateRedis, message_id: str) -> None:
+def kill_owner(cluster: ProcessCluster, r: SyncRedis, message_id: str) -> None:
     """SIGKILL the worker generating a message and wait until it is gone."""
     owner = owner_of(cluster, r, message_id)
     owner.signal(signal.SIGKILL)
@@ -107,13 +145,14 @@ async def streaming(c: Client, mid: str, min_seq: int = 3) -> None:
 
 
 async def test_worker_killed_mid_stream_client_hears_worker_lost(
-    chaos_cluster: ProcessCluster, private_redis: PrivateRedis
+    chaos: Target,
 ) -> None:
+    chaos_cluster, r = chaos.cluster, chaos.redis
     (gw,) = await start(chaos_cluster, gateways=1, workers=2)
     async with client(gw.port or 0, "alice") as a:
         mid = await a.chat("s", max_tokens=1000)
         await streaming(a, mid)
-        kill_owner(chaos_cluster, private_redis, mid)
+        kill_owner(chaos_cluster, r, mid)
         killed = time.monotonic()
         end = await a.terminal(mid, timeout=15)
         heard_after = time.monotonic() - killed
@@ -128,24 +167,26 @@ async def test_worker_killed_mid_stream_client_hears_worker_lost(
 
 
 async def test_stop_after_the_worker_died_ends_at_once_and_the_reaper_keeps_the_text(
-    chaos_cluster: ProcessCluster, private_redis: PrivateRedis
+    chaos: Target,
 ) -> None:
+    chaos_cluster, r = chaos.cluster, chaos.redis
     """The store ends a cancelled message itself: a Stop needs no live worker, and the
     worker that reclaims the dead one's job saves the partial text in history."""
     (gw,) = await start(chaos_cluster, gateways=1, workers=2)
-    r = private_redis.client()
     async with client(gw.port or 0, "alice") as a:
         mid = await a.chat("s", max_tokens=1000)
         await streaming(a, mid)
-        kill_owner(chaos_cluster, private_redis, mid)
+        kill_owner(chaos_cluster, r, mid)
         assert (await a.cancel(message_id=mid))["status"] == "cancelling"
         end = await a.terminal(mid, timeout=5)
         assert end["type"] == "cancelled"
         assert_stream_ok(a, mid)
 
+        keyspace = chaos.keyspace()
+
         def reclaimed_and_saved() -> bool:
-            pending = r.xpending(keys.JOBS_STREAM, keys.WORKER_GROUP)["pending"]
-            return pending == 0 and r.hexists(keys.answers("alice", "s"), mid)
+            pending = r.xpending(keyspace.jobs(tag_of(mid)), keys.WORKER_GROUP)["pending"]
+            return pending == 0 and r.hexists(keyspace.answers("alice", "s"), mid)
 
         await wait_until(reclaimed_and_saved, timeout=15)
         history = await a.request(type="history", session_id="s")
@@ -154,13 +195,14 @@ async def test_stop_after_the_worker_died_ends_at_once_and_the_reaper_keeps_the_
 
 
 async def test_worker_paused_past_liveness_then_resumed_cannot_corrupt_the_stream(
-    chaos_cluster: ProcessCluster, private_redis: PrivateRedis
+    chaos: Target,
 ) -> None:
+    chaos_cluster, r = chaos.cluster, chaos.redis
     (gw,) = await start(chaos_cluster, gateways=1, workers=2)
     async with client(gw.port or 0, "alice") as a:
         mid = await a.chat("s", max_tokens=1000)
         await streaming(a, mid)
-        paused = owner_of(chaos_cluster, private_redis, mid)
+        paused = owner_of(chaos_cluster, r, mid)
         paused.signal(signal.SIGSTOP)
         end = await a.terminal(mid, timeout=15)
         assert end["type"] == "error" and end["code"] == "worker_lost"
@@ -170,11 +212,12 @@ async def test_worker_paused_past_liveness_then_resumed_cannot_corrupt_the_strea
         await a.terminal(resumed)
         assert_stream_ok(a, mid)
         assert [e["type"] for e in a.events(mid)].count("error") == 1
-        log = private_redis.client().xrange(keys.log(mid))
+        log = r.xrange(keys.log(mid))
         assert [int(entry_id.split(b"-")[0]) for entry_id, _ in log] == list(range(1, len(log) + 1))
 
 
-async def test_gateway_killed_client_resumes_on_another(chaos_cluster: ProcessCluster) -> None:
+async def test_gateway_killed_client_resumes_on_another(chaos: Target) -> None:
+    chaos_cluster = chaos.cluster
     g1, g2 = await start(chaos_cluster, gateways=2, workers=1, rate=100)
     async with client(g1.port or 0, "alice") as a:
         mid = await a.chat("s", max_tokens=300)
@@ -191,7 +234,8 @@ async def test_gateway_killed_client_resumes_on_another(chaos_cluster: ProcessCl
         assert len((a.text(mid) + b.text(mid)).split()) == 300
 
 
-async def test_gateway_sigterm_closes_1001_and_generation_continues_elsewhere(chaos_cluster: ProcessCluster) -> None:
+async def test_gateway_sigterm_closes_1001_and_generation_continues_elsewhere(chaos: Target) -> None:
+    chaos_cluster = chaos.cluster
     g1, g2 = await start(chaos_cluster, gateways=2, workers=1, rate=100)
     async with client(g1.port or 0, "alice") as a:
         mid = await a.chat("s", max_tokens=200)
@@ -224,7 +268,7 @@ async def test_worker_sigterm_finishes_what_it_holds_and_takes_nothing_new(
         chaos_cluster.add_worker(*synthetic(rate=100))
         later = await a.chat("s2", max_tokens=5)
         assert (await a.terminal(later, timeout=20))["type"] == "done"
-        assert owner_of(chaos_cluster, private_redis, later) is not first
+        assert owner_of(chaos_cluster, private_redis.client(), later) is not first
 
 
 async def test_redis_killed_and_restarted(chaos_cluster: ProcessCluster, private_redis: PrivateRedis) -> None:
@@ -317,7 +361,7 @@ def _process_state(pid: int) -> str:
 def just_taken_by(r: sync_redis.Redis, workers: list[Proc]) -> Proc | None:
     """The worker (among `workers`) that runs a message which has no chunk stored yet."""
     by_pid = {p.popen.pid: p for p in workers if p.popen is not None}
-    for key in r.keys(keys.META_PREFIX + "*"):
+    for key in r.keys(keys.META_PATTERN):
         state, last_seq, worker_id = r.hmget(key, ["state", "last_seq", "worker"])
         if state == b"running" and last_seq == b"0" and worker_id is not None:
             owner = by_pid.get(int(worker_id.decode().split("-")[-2]))

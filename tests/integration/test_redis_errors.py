@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from store import keys
-from tests.support import Client, ProcessCluster, assert_stream_ok, client, t, wait_until
+from tests.support import JOBS_STREAM, KEYSPACE, Client, ProcessCluster, assert_stream_ok, client, t, wait_until
 
 
 @pytest.fixture
@@ -193,8 +193,8 @@ async def test_job_stream_entries_name_the_message_and_the_prompt_leaves_with_it
     async with client(port, "alice") as a:
         mid = await a.chat("s", text=text, max_tokens=3)
         await a.terminal(mid)
-    ((_entry_id, fields),) = admin.xrange(keys.JOBS_STREAM)
+    ((_entry_id, fields),) = admin.xrange(JOBS_STREAM)
     assert fields == {b"m": mid.encode()}
     assert not admin.hexists(keys.meta(mid), "job"), "the ended message still holds its prompt"
-    turn = json.loads(admin.lrange(keys.history("alice", "s"), 0, -1)[0])
+    turn = json.loads(admin.lrange(KEYSPACE.history("alice", "s"), 0, -1)[0])
     assert turn["text"] == text, "the user's turn is kept in history"

@@ -23,10 +23,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from protocol.auth import mint_token
-from protocol.ids import new_message_id
-from store import keys
 from store.embedded import free_port
-from tests.support import REPO, Client, ProcessCluster, http_get, t, wait_until
+from tests.support import KEYSPACE, REPO, Client, ProcessCluster, http_get, message_id, t, wait_until
 
 SECRET = "tokenrelay-test-secret-0123456789abcdef"
 SLOW = ("--engine", "synthetic", "--synthetic-rate", "20", "--drain-timeout", "1")
@@ -352,7 +350,7 @@ async def test_generation_slots_come_back_after_a_gateway_and_a_worker_are_kille
 
 
 async def _no_generations(r: aioredis.Redis, user: str) -> bool:
-    return int(await r.zcard(keys.generations(user))) == 0
+    return int(await r.zcard(KEYSPACE.generations(user))) == 0
 
 
 # --- connections per user ------------------------------------------------------------------------------
@@ -489,7 +487,7 @@ async def test_message_ids_never_issued_answer_not_found_without_touching_redis(
     process_cluster: ProcessCluster,
 ) -> None:
     (gw,) = await start(process_cluster, 1)
-    bogus = ["m1", "tr:evil", "m" + "0" * 27 + "*", "{alice}", new_message_id().upper(), "x" * 64]
+    bogus = ["m1", "tr:evil", "m" + "0" * 27 + "*", "{alice}", message_id("alice").upper(), "x" * 64]
     r = aioredis.Redis.from_url(process_cluster.redis_url)
     seen: list[str] = []
     async with r.monitor() as monitor:
@@ -507,7 +505,7 @@ async def test_message_ids_never_issued_answer_not_found_without_touching_redis(
                 await a.send(type="resume", message_id=mid, after_seq=0)
                 reply = await a.wait_for(lambda f: f["type"] == "error", 10, start_at)
                 assert reply["code"] == "not_found" and reply["message_id"] == mid
-            unknown = new_message_id()  # well-formed, never issued: Redis is asked, answers nothing
+            unknown = message_id("alice")  # well-formed, never issued: Redis is asked, answers nothing
             assert (await a.cancel(message_id=unknown))["status"] == "not_found"
             await wait_until(lambda: any(unknown in command for command in seen))
         finally:

@@ -4,7 +4,6 @@ worker subscribes again, reads the cancel keys it may have missed, and takes pus
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -31,7 +30,7 @@ async def store(redis_url: str) -> AsyncIterator[Store]:
 
 async def running_job(store: Store, w: Worker) -> tuple[str, Running]:
     """A long job, submitted and running on `w`."""
-    mid = f"m-{time.time_ns()}"
+    mid = store.new_message_id("u")
     job = Job(message_id=mid, user="u", session_id=mid, text="hi", max_tokens=10_000, created_ms=0)
     assert (await store.submit(job)).outcome == "ok"
     await wait_until(lambda: mid in w.running)

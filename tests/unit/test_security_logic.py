@@ -8,35 +8,39 @@ import pytest
 from gateway.guards import exposure_problem, is_loopback
 from protocol.auth import MIN_SECRET_BYTES, check_secret, mint_token, verify_claims
 from protocol.errors import AuthError
-from protocol.ids import is_message_id, new_message_id
+from protocol.ids import is_message_id, new_message_id, tag_of
 from protocol.limits import UNLIMITED, LogThrottle, Quotas, Strikes, TokenBucket, bucket_of, retry_after_ms
 from protocol.messages import Auth, Cancel, Chat, ClearHistory, Heartbeat, History, Resume
 from protocol.origin import origin_allowed, own_origin
 from store import keys
+from tests.support import KEYSPACE
 
 # --- ids ---------------------------------------------------------------------------------
 
 
 def test_issued_message_ids_pass_the_validator_and_look_alike() -> None:
-    mid = new_message_id(1_700_000_000.5, bytes(range(8)))
-    assert mid == "m" + f"{1_700_000_000_500:011x}" + "0001020304050607"
-    assert is_message_id(mid)
-    assert all(is_message_id(new_message_id()) for _ in range(100))
-    assert len({new_message_id() for _ in range(1000)}) == 1000
+    mid = new_message_id("s3x41", 1_700_000_000.5, bytes(range(8)))
+    assert mid == "m" + f"{1_700_000_000_500:011x}" + "0001020304050607" + ".s3x41"
+    assert is_message_id(mid) and tag_of(mid) == "s3x41"
+    assert all(is_message_id(new_message_id("s0x7")) for _ in range(100))
+    assert len({new_message_id("s0x7") for _ in range(1000)}) == 1000
 
 
 @pytest.mark.parametrize("text", [
-    "", "m1", "m18bcfe56a3b000102030405060", "m18bcfe56a3b00010203040506077", "M18bcfe56a3b0001020304050607",
-    "m18BCFE56A3B0001020304050607", "m18bcfe56a3b0001020304050607\n", "x18bcfe56a3b0001020304050607",
-    "m18bcfe56a3b000102030405060*", "m:evil", "../etc", "{tag}",
+    "", "m1", "m18bcfe56a3b0001020304050607", "m18bcfe56a3b000102030405060.s0x1", "m18bcfe56a3b00010203040506077.s0x1",
+    "M18bcfe56a3b0001020304050607.s0x1", "m18BCFE56A3B0001020304050607.s0x1", "m18bcfe56a3b0001020304050607.s0x1\n",
+    "x18bcfe56a3b0001020304050607.s0x1", "m18bcfe56a3b000102030405060*.s0x1", "m18bcfe56a3b0001020304050607.{x}",
+    "m18bcfe56a3b0001020304050607.s0x1}", "m18bcfe56a3b0001020304050607.", "m:evil", "../etc", "{tag}",
 ])
 def test_anything_else_is_no_message_id(text: str) -> None:
     assert not is_message_id(text)
 
 
-def test_new_message_id_wants_eight_random_bytes() -> None:
+def test_new_message_id_wants_eight_random_bytes_and_a_shard_tag() -> None:
     with pytest.raises(ValueError):
-        new_message_id(0, b"short")
+        new_message_id("s0x1", 0, b"short")
+    with pytest.raises(ValueError):
+        new_message_id("}{", 0, bytes(8))
 
 
 # --- token buckets and strikes ---------------------------------------------------------------
@@ -185,13 +189,13 @@ def test_an_open_gateway_needs_a_secret_or_insecure() -> None:
 
 
 def test_idempotency_keys_of_different_requests_never_collide() -> None:
-    assert keys.request("u", "a:b", "c") != keys.request("u", "a", "b:c")
-    assert keys.request("u", "a", "1:2") != keys.request("u", "a:1", "2")
+    assert KEYSPACE.request("u", "a:b", "c") != KEYSPACE.request("u", "a", "b:c")
+    assert KEYSPACE.request("u", "a", "1:2") != KEYSPACE.request("u", "a:1", "2")
     pairs = [("a", "b:c:d"), ("a:b", "c:d"), ("a:b:c", "d"), ("a", ":b"), ("a:", "b")]
-    assert len({keys.request("u", sid, rid) for sid, rid in pairs}) == len(pairs)
+    assert len({KEYSPACE.request("u", sid, rid) for sid, rid in pairs}) == len(pairs)
 
 
 def test_per_user_quota_keys_are_named_from_the_user() -> None:
-    assert keys.generations("alice").endswith("alice")
-    assert keys.connections("alice").endswith("alice")
-    assert keys.generations("alice") != keys.connections("alice")
+    assert KEYSPACE.generations("alice").endswith("alice")
+    assert KEYSPACE.connections("alice").endswith("alice")
+    assert KEYSPACE.generations("alice") != KEYSPACE.connections("alice")
