@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         sys.exit(f"{parser.prog}: error: {exc}")
     configure_logging(args.log_level, process="gateway")
-    # Everything imported so far lives as long as the process: out of the collector's
-    # sight, a full collection no longer walks ~40k objects (a 20-30 ms pause, measured).
+    # Everything imported so far lives as long as the process: out of the collector's sight,
+    # a full collection no longer walks it (a pause on every one; docs/PERFORMANCE.md).
     gc.freeze()
     uvloop.run(serve(config, args))
 

@@ -11,7 +11,7 @@ from prometheus_client.registry import Collector
 
 class LoopCounter(Collector):
     """A counter bumped for every frame, on the event loop only: a plain int. A `Counter`
-    takes a lock on each increment, which was 5% of a busy gateway's CPU."""
+    takes a lock on each increment, a visible share of a busy gateway's CPU (docs/PERFORMANCE.md)."""
 
     def __init__(self, name: str, documentation: str) -> None:
         self.name = name

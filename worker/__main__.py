@@ -139,8 +139,8 @@ async def serve(args: argparse.Namespace) -> None:
 def event_loop(args: argparse.Namespace) -> str:
     """uvloop takes the GIL once per libuv callback (each read, timer, run of the ready queue),
     asyncio's own loop once per iteration. Beside a generation thread that takes the GIL back
-    after every C call, each hand-over costs it a wake-up: with asyncio's loop the relay cost
-    halved (`python -m bench relay_overhead`, 5 interleaved runs each: median 4.3% vs 9.7%)."""
+    after every C call, each hand-over costs it a wake-up, so the llama engine runs on
+    asyncio's loop (`python -m bench relay_overhead`; docs/PERFORMANCE.md)."""
     if args.loop != "auto":
         return str(args.loop)
     return "asyncio" if args.engine == "llama" else "uvloop"
@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> None:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, addr="127.0.0.1")
-    # Everything imported so far lives as long as the process: out of the collector's
-    # sight, a full collection no longer walks ~40k objects (a 20-30 ms pause, measured).
+    # Everything imported so far lives as long as the process: out of the collector's sight,
+    # a full collection no longer walks it (a pause on every one; docs/PERFORMANCE.md).
     gc.freeze()
     try:
         (asyncio.run if event_loop(args) == "asyncio" else uvloop.run)(serve(args))

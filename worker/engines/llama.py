@@ -442,9 +442,8 @@ class LlamaEngine:
     def _eval_prompt(self, job: _Job, tokens: list[int]) -> bool:
         """`_eval` with llama.cpp's abort callback attached, so a cancel stops a long prompt
         evaluation. llama.cpp calls it after every graph node, and a Python callback takes the
-        GIL each time (~45 times per token on the built-in model, a fifth of the decode time,
-        and more while the event loop holds the GIL): it is detached for decoding, where the
-        cancel flag is read after every token."""
+        GIL each time (dozens of times per token: docs/PERFORMANCE.md): it is detached for
+        decoding, where the cancel flag is read after every token."""
         llm = self._require_llm()
         llama_cpp.llama_set_abort_callback(llm.ctx, self._abort_cb, None)
         try:
