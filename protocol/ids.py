@@ -27,3 +27,8 @@ def new_message_id(now_s: float | None = None, random: bytes | None = None) -> s
 def is_message_id(text: str) -> bool:
     """True when `text` has the form of an id the server issues."""
     return MESSAGE_ID_RE.fullmatch(text) is not None
+
+
+def issued_ms(message_id: str) -> int:
+    """When an id of `is_message_id`'s form was minted (Unix milliseconds)."""
+    return int(message_id[1:12], 16)
