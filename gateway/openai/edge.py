@@ -2,10 +2,12 @@
 
 It shares the gateway's `Store` (the same scripts and quotas) and `LiveHub` (a stream is a
 `Relay`, delivered exactly as to a WebSocket: replay, then live, `SeqTracker` in between).
-Per request: the bearer token (or `anonymous` in development mode), a per-user token bucket
-in this gateway (the WebSocket edge's rates: chat-like requests and cancels apart), and, while
-a request waits for or streams an answer, one of the user's connection slots (counted with
-the WebSocket connections, across gateways). Generations per user are counted by `SUBMIT`.
+Per request: the bearer token (or `anonymous` in development mode) and a per-user token
+bucket in this gateway (the WebSocket edge's rates: chat-like requests and cancels apart).
+A request that starts a generation lives as long as it (at most until its terminal), so the
+user's generation limit (`SUBMIT`) bounds those; a resumed stream (`GET ...?stream=true`)
+starts none, so it holds one of the user's connection slots while it streams (counted with
+the WebSocket connections, across gateways).
 
 Stop: the server cancels a handler whose client disconnected (`handler_cancellation`).
 For a chat completion (or a response not in the background) that is a Stop, sent at once
@@ -14,8 +16,8 @@ the detach grace, then the worker cancels it as an orphan unless someone resumes
 
 Sessions: each generation gets a session of its own, `~http.` + its message id. `~` is not
 allowed in a WebSocket client's session ids, so no WebSocket session can be one of these;
-its history list (SUBMIT keeps one per session) is deleted right after SUBMIT: the request
-carries the whole conversation, and the worker saves no answer where no history is kept.
+its history list (SUBMIT keeps one per session) is deleted once the request is answered: the
+request carries the whole conversation.
 """
 
 from __future__ import annotations
@@ -209,11 +211,13 @@ class HttpEdge:
             log.warning("limit_refused", limit=limit, user=user, refusals=count, edge="http")
 
     @contextlib.asynccontextmanager
-    async def _hold(self, user: str, request: web.Request) -> AsyncIterator[Hold]:
-        """One of the user's connection slots for as long as the request waits or streams."""
+    async def _hold(self, user: str, request: web.Request, slot: bool) -> AsyncIterator[Hold]:
+        """A request that waits for or streams an answer, known to the gateway while it does
+        (its message's lease, the slow-client sweep); with `slot`, it holds one of the user's
+        connection slots meanwhile."""
         hold = Hold(user, request)
         limit = self.config.quotas.connections_per_user
-        if limit > 0:
+        if slot and limit > 0:
             name = self.gw.connection_name()
             lapse_ms = self.config.lifetimes.instance_ttl_s * 1000
             try:
@@ -248,8 +252,10 @@ class HttpEdge:
 
     # --- generations ----------------------------------------------------------------------
 
-    async def _submit(self, user: str, prompt: openai.Prompt) -> str:
-        """Queue the prompt's job (SUBMIT, as a WebSocket `chat`): its message id."""
+    @contextlib.asynccontextmanager
+    async def _generation(self, user: str, prompt: openai.Prompt) -> AsyncIterator[str]:
+        """Queue the prompt's job (SUBMIT, as a WebSocket `chat`); its message id. The
+        session's history list that SUBMIT keeps is deleted once the request is answered."""
         mid = new_message_id()
         session = SESSION_PREFIX + mid
         job = Job(
@@ -260,17 +266,19 @@ class HttpEdge:
         limit = self.config.quotas.generations_per_user
         result = await self.store.submit(job, "", limit)
         match result.outcome:
-            case "ok":
-                self._after(self._forget_history(user, session), "http-forget-history")
-                log.info("chat_accepted", message_id=mid, session_id=session, edge="http")
-                return mid
             case "rate_limited":
                 self._refused("generations", user)
                 raise HttpError("rate_limited", f"you have {limit} generations queued or running; wait for one to end",
                                 GENERATIONS_RETRY_MS / 1000)
             case "overloaded":
                 raise HttpError("overloaded", "the job queue is full; try again later")
-        raise HttpError("internal", f"the new message was refused ({result.outcome})")
+            case "dup" | "busy":
+                raise HttpError("internal", f"the new message was refused ({result.outcome})")
+        log.info("chat_accepted", message_id=mid, session_id=session, edge="http")
+        try:
+            yield mid
+        finally:
+            self._after(self._forget_history(user, session), "http-forget-history")
 
     async def _forget_history(self, user: str, session: str) -> None:
         try:
@@ -363,8 +371,7 @@ class HttpEdge:
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
         user = self._admit(request, "requests")
         prompt = openai.chat_prompt(await _body(request), self.config.limits)
-        async with self._hold(user, request) as hold:
-            mid = await self._submit(user, prompt)
+        async with self._generation(user, prompt) as mid, self._hold(user, request, slot=False) as hold:
             completion = openai.ChatCompletion(mid, prompt.model, int(time.time()))
             if prompt.stream:
                 async def run(channel: SendChannel) -> None:
@@ -393,11 +400,9 @@ class HttpEdge:
         user = self._admit(request, "requests")
         prompt = openai.responses_prompt(await _body(request), self.config.limits)
         if prompt.background and not prompt.stream:
-            mid = await self._submit(user, prompt)
-            info = self._info(mid, prompt.model, prompt)
-            return _json(openai.response_object(info, "queued", ""))
-        async with self._hold(user, request) as hold:
-            mid = await self._submit(user, prompt)
+            async with self._generation(user, prompt) as mid:
+                return _json(openai.response_object(self._info(mid, prompt.model, prompt), "queued", ""))
+        async with self._generation(user, prompt) as mid, self._hold(user, request, slot=False) as hold:
             info = self._info(mid, prompt.model, prompt)
             if prompt.stream:
                 events = openai.ResponseStream(info)
@@ -441,7 +446,7 @@ class HttpEdge:
         after = _starting_after(request)
         await self._owned(user, mid)
         after_seq = await self._resume_position(mid, after)
-        async with self._hold(user, request) as hold:
+        async with self._hold(user, request, slot=True) as hold:
             await self.store.refresh_attach([mid], self.store.lifetimes.detach_grace_ms)
             events = openai.ResponseStream(self._info(mid, await self._model_name()), after)
 

@@ -130,20 +130,24 @@ async def test_a_websocket_chat_and_an_http_one_share_the_users_generation_limit
         assert status == 200 and body["choices"][0]["finish_reason"] == "length"
 
 
-async def test_a_streaming_request_takes_one_of_the_users_connection_slots(redis_url: str) -> None:
+async def test_a_resumed_stream_takes_one_of_the_users_connection_slots(redis_url: str) -> None:
+    """A request that starts a generation is bounded by the generation limit; a resumed stream
+    starts none, so it holds a connection slot, counted with the WebSocket connections."""
     quotas = Quotas(connections_per_user=1)
-    async with edge(redis_url, rate=20.0, quotas=quotas) as (gw, s), client(gw.port, user="anonymous") as ws:
-        await ws.request(type="heartbeat")
-        status, body, _h = await call(s, "POST", "/v1/chat/completions", {**CHAT, "stream": True})
-        assert_error(status, body, 429, "rate_limited")
-        assert "connections" in body["error"]["message"]
     async with edge(redis_url, rate=20.0, quotas=quotas) as (gw, s):
-        async with s.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2000, "stream": True}) as streaming:
-            assert (await streaming.content.readline()).startswith(b"data: ")
+        status, created, _h = await call(s, "POST", "/v1/responses",
+                                         {"input": "go", "background": True, "max_output_tokens": 2000})
+        resume = f"/v1/responses/{created['id']}?stream=true"
+        async with client(gw.port, user="anonymous") as ws:
+            await ws.request(type="heartbeat")
+            assert_error(*(await call(s, "GET", resume))[:2], 429, "rate_limited")
+        async with s.get(resume) as streaming:
+            assert (await streaming.content.readline()).startswith(b"event: response.created")
             async with client(gw.port) as ws:
                 with pytest.raises(ConnectionError):
                     await ws.request(type="heartbeat")
                 assert ws.ws.close_code == 4029
+        assert (await call(s, "POST", f"/v1/responses/{created['id']}/cancel"))[1]["status"] == "cancelled"
 
 
 async def test_no_history_is_kept_for_http_sessions(redis_url: str) -> None:
