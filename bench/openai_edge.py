@@ -11,9 +11,11 @@ same Redis calls as in production), only raised so that the load window's chats 
   over the time from the first text to the end), per edge; the figure is HTTP over WebSocket
   of the medians (goal: within 5%). The synthetic engine's first token comes at once, so the
   time to first token is the system's alone: the harshest case for a per-request cost.
-- The same pairs on the default model (SmolLM2-135M-Instruct, one `--engine llama` worker,
-  48 tokens at temperature 0, a different prompt each, "tell me story number N"): what a
-  client of a real model sees. Tokens/s counts the tokens after the first, over the time
+- The same pairs on the default model (SmolLM2-135M-Instruct, one `--engine llama` worker
+  with `--n-threads 1`, 48 tokens at temperature 0, a different prompt each, "tell me story
+  number N"): what a client of a real model sees. One thread: on a machine that others
+  share, llama.cpp's threads wait for each other at every step whenever one of them is
+  descheduled, and the time to first token swung from 0.7 to 6 s with two. Tokens/s counts the tokens after the first, over the time
   from the first text to the end, for answers that ended `length` (48 tokens).
 - Load: `LOAD_STREAMS` chats at once on one edge, then on the other, `LOAD_REPEATS` times:
   delivered tokens/s (all tokens over the wall time from the first send to the last end) and
@@ -104,7 +106,7 @@ async def _synthetic(quick: bool) -> tuple[list[dict[str, Any]], dict[str, list[
 
 async def _real_model(quick: bool) -> list[dict[str, Any]]:
     async with Cluster(NAME + "-smollm2") as cluster:
-        ws_port, http_port = await _cluster(cluster, "--engine", "llama")
+        ws_port, http_port = await _cluster(cluster, "--engine", "llama", "--n-threads", "1")
         client = await cluster.client("openai_edge", {"ws_port": ws_port, "http_port": http_port})
         await client.expect("ready", timeout_s=30)
         progress(f"{NAME}: SmolLM2 pairs")

@@ -264,7 +264,14 @@ class HttpEdge:
             temperature=prompt.temperature, seed=prompt.seed, conversation=prompt.conversation,
         )
         limit = self.config.quotas.generations_per_user
-        result = await self.store.submit(job, "", limit)
+        try:
+            result = await self.store.submit(job, "", limit)
+        except asyncio.CancelledError:
+            # The client left while SUBMIT was on its way: a CANCEL sent now follows it on the
+            # same connection, so it stops what SUBMIT queued (or finds nothing).
+            self._after(self._stop(user, mid), "http-stop")
+            self._after(self._forget_history(user, session), "http-forget-history")
+            raise
         match result.outcome:
             case "rate_limited":
                 self._refused("generations", user)

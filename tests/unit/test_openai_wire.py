@@ -97,6 +97,9 @@ def test_response_events_are_numbered_from_the_log_and_starting_after_leaves_out
         (6, "response.output_text.done"), (7, "response.content_part.done"), (8, "response.output_item.done"),
         (9, "response.completed")]
     assert b"event: response.completed\ndata: " in stream
+    delta = whole.delta(1, 'a "b"\n')
+    assert delta == whole._event(4, "response.output_text.delta", {
+        "item_id": openai.item_id(mid), "output_index": 0, "content_index": 0, "delta": 'a "b"\n', "logprobs": []})
     for after in range(-1, 10):
         resumed = openai.ResponseStream(whole.info, after)
         position = openai.log_after(after)
@@ -126,7 +129,9 @@ def test_a_chat_completion_streams_role_deltas_and_a_finish_or_an_error_then_don
     completion = openai.ChatCompletion("m1", "model", 5)
     first = json.loads(completion.opening()[6:])
     assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert json.loads(completion.delta("hi")[6:])["choices"][0]["delta"] == {"content": "hi"}
+    delta = completion.delta('say "hi"\n')
+    assert delta.startswith(b"data: ") and delta.endswith(b"\n\n")
+    assert json.loads(delta[6:]) == json.loads(completion._chunk({"content": 'say "hi"\n'}, None)[6:])
     done = completion.closing(Done(message_id="m1", seq=1, finish_reason="stop"))
     assert done.endswith(b"data: [DONE]\n\n") and json.loads(done.split(b"\n\n")[0][6:])["choices"][0]["finish_reason"] == "stop"
     failed = completion.closing(Error(code="worker_lost", message="the worker died", message_id="m1"))
