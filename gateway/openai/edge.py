@@ -79,8 +79,8 @@ class Hold:
 
     user: str
     request: web.Request
+    message_id: str
     slot: str | None = None
-    message_id: str | None = None
     channel: SendChannel | None = None
 
 
@@ -132,7 +132,7 @@ class HttpEdge:
             await asyncio.wait(set(self._ending), timeout=5.0)
 
     def watching(self) -> list[str]:
-        return [hold.message_id for hold in self.holds if hold.message_id is not None]
+        return [hold.message_id for hold in self.holds]
 
     def slots(self) -> list[tuple[str, str]]:
         return [(hold.user, hold.slot) for hold in self.holds if hold.slot is not None]
@@ -211,11 +211,11 @@ class HttpEdge:
             log.warning("limit_refused", limit=limit, user=user, refusals=count, edge="http")
 
     @contextlib.asynccontextmanager
-    async def _hold(self, user: str, request: web.Request, slot: bool) -> AsyncIterator[Hold]:
-        """A request that waits for or streams an answer, known to the gateway while it does
-        (its message's lease, the slow-client sweep); with `slot`, it holds one of the user's
-        connection slots meanwhile."""
-        hold = Hold(user, request)
+    async def _hold(self, user: str, request: web.Request, message_id: str, slot: bool) -> AsyncIterator[Hold]:
+        """A request that waits for or streams the message's answer, known to the gateway while
+        it does (the message's lease, the slow-client sweep); with `slot`, it holds one of the
+        user's connection slots meanwhile."""
+        hold = Hold(user, request, message_id=message_id)
         limit = self.config.quotas.connections_per_user
         if slot and limit > 0:
             name = self.gw.connection_name()
@@ -293,10 +293,9 @@ class HttpEdge:
         except REDIS_ERRORS as exc:
             log.warning("http_history_not_cleared", session_id=session, error=str(exc), note="it expires by itself")
 
-    async def _deliver(self, hold: Hold, message_id: str, after_seq: int, outlet: Outlet) -> None:
+    async def _deliver(self, message_id: str, after_seq: int, outlet: Outlet) -> None:
         """Relay the message to `outlet` until its terminal (the gateway refreshes its lease
         meanwhile). `OUTLET_ERRORS` when the client went away."""
-        hold.message_id = message_id
         relay = Relay(self.gw.hub, self.store, message_id, after_seq, outlet)
         await relay.run_until_end(OUTLET_ERRORS)
 
@@ -304,8 +303,6 @@ class HttpEdge:
         """The client of a streamed or awaited answer disconnected: a Stop, or (a
         background response) the detach grace."""
         mid = hold.message_id
-        if mid is None:
-            return
         if stop:
             self._after(self._stop(hold.user, mid), "http-stop")
         else:
@@ -378,12 +375,12 @@ class HttpEdge:
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
         user = self._admit(request, "requests")
         prompt = openai.chat_prompt(await _body(request), self.config.limits)
-        async with self._generation(user, prompt) as mid, self._hold(user, request, slot=False) as hold:
+        async with self._generation(user, prompt) as mid, self._hold(user, request, mid, slot=False) as hold:
             completion = openai.ChatCompletion(mid, prompt.model, int(time.time()))
             if prompt.stream:
                 async def run(channel: SendChannel) -> None:
                     await channel.send(completion.opening())
-                    await self._deliver(hold, mid, 0, ChatOutlet(channel, completion))
+                    await self._deliver(mid, 0, ChatOutlet(channel, completion))
 
                 return await self._stream(request, hold, True, run)
             text, terminal = await self._await_answer(hold, mid)
@@ -396,7 +393,7 @@ class HttpEdge:
         """The whole answer; a client that disconnects meanwhile stops it."""
         collector = Collector()
         try:
-            await self._deliver(hold, message_id, 0, collector)
+            await self._deliver(message_id, 0, collector)
         except asyncio.CancelledError:
             self._client_gone(hold, True)
             raise
@@ -409,14 +406,14 @@ class HttpEdge:
         if prompt.background and not prompt.stream:
             async with self._generation(user, prompt) as mid:
                 return _json(openai.response_object(self._info(mid, prompt.model, prompt), "queued", ""))
-        async with self._generation(user, prompt) as mid, self._hold(user, request, slot=False) as hold:
+        async with self._generation(user, prompt) as mid, self._hold(user, request, mid, slot=False) as hold:
             info = self._info(mid, prompt.model, prompt)
             if prompt.stream:
                 events = openai.ResponseStream(info)
 
                 async def run(channel: SendChannel) -> None:
                     await channel.send(events.opening())
-                    await self._deliver(hold, mid, 0, ResponseOutlet(channel, events, self.store, 0))
+                    await self._deliver(mid, 0, ResponseOutlet(channel, events, self.store, 0))
 
                 return await self._stream(request, hold, not prompt.background, run)
             text, terminal = await self._await_answer(hold, mid)
@@ -453,14 +450,14 @@ class HttpEdge:
         after = _starting_after(request)
         await self._owned(user, mid)
         after_seq = await self._resume_position(mid, after)
-        async with self._hold(user, request, slot=True) as hold:
+        async with self._hold(user, request, mid, slot=True) as hold:
             await self.store.refresh_attach([mid], self.store.lifetimes.detach_grace_ms)
             events = openai.ResponseStream(self._info(mid, await self._model_name()), after)
 
             async def run(channel: SendChannel) -> None:
                 if opening := events.opening():
                     await channel.send(opening)
-                await self._deliver(hold, mid, after_seq, ResponseOutlet(channel, events, self.store, after_seq))
+                await self._deliver(mid, after_seq, ResponseOutlet(channel, events, self.store, after_seq))
 
             log.info("resume", message_id=mid, starting_after=after, edge="http", gateway_id=self.gw.id)
             return await self._stream(request, hold, False, run)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -186,3 +187,28 @@ async def test_a_polled_background_response_lives_past_the_detach_grace_and_then
         finally:
             await r.aclose()
         assert (await call(s, "GET", path))[1]["status"] == "cancelled"
+
+
+async def test_closing_a_stream_still_queued_cancels_it_at_once(redis_url: str) -> None:
+    """The Stop does not wait for a worker: a message still queued ends `cancelled` (seq 0)
+    as soon as its client leaves, long before any lease could lapse."""
+    async with gateway(redis_url, http_port=0, lifetimes=Lifetimes(detach_grace_s=60.0)) as gw, \
+            worker(redis_url, [SyntheticEngine(rate=20.0)], orphan_check_s=0.2), \
+            client(gw.port, user="anonymous") as ws, aiohttp.ClientSession() as s:
+        assert gw.http is not None
+        await ws.chat("busy", max_tokens=2000)  # the only engine is taken
+        response = await s.post(f"http://127.0.0.1:{gw.http.port}/v1/chat/completions",
+                                json={**CHAT, "stream": True})
+        opening = json.loads((await response.content.readline())[6:])
+        mid = opening["id"].removeprefix("chatcmpl-")
+        response.close()
+        r = aioredis.Redis.from_url(redis_url)
+        try:
+            async def cancelled() -> bool:
+                return await r.hget(keys.meta(mid), "state") == b"cancelled"
+
+            await wait_until(cancelled, timeout=5)
+            frames = [json.loads(fields[b"f"]) for _id, fields in await r.xrange(keys.log(mid))]
+        finally:
+            await r.aclose()
+        assert frames == [{"type": "cancelled", "message_id": mid, "seq": 0}]
