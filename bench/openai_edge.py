@@ -18,8 +18,9 @@ same Redis calls as in production), only raised so that the load window's chats 
   descheduled, and the time to first token swung from 0.7 to 6 s with two. Tokens/s counts the tokens after the first, over the time
   from the first text to the end, for answers that ended `length` (48 tokens).
 - Load: `LOAD_STREAMS` chats at once on one edge, then on the other, `LOAD_REPEATS` times:
-  delivered tokens/s (all tokens over the wall time from the first send to the last end) and
-  the median time to first token.
+  delivered tokens/s (all tokens over the wall time from the first send to the last end), the
+  median time to first token, and the gateway's CPU per delivered token (what the edge costs,
+  less at the mercy of other work on the machine than a time).
 - Stop by disconnect, idle cluster: a streamed chat completion of 2,000 tokens, the client
   closes its connection after the 3rd text chunk; the latency runs from the client's close
   (wall clock, just before) to the worker's `job_finished` line (its timestamp: after the
@@ -46,9 +47,9 @@ PAIRS, QUICK_PAIRS = 40, 4
 PAIR_TOKENS = 300
 LOAD_STREAMS, QUICK_LOAD_STREAMS = 40, 5
 LOAD_TOKENS = 500
-LOAD_REPEATS, QUICK_LOAD_REPEATS = 3, 1
+LOAD_REPEATS, QUICK_LOAD_REPEATS = 10, 1
 STOPS, QUICK_STOPS = 100, 5
-REAL_PAIRS, QUICK_REAL_PAIRS = 16, 2
+REAL_PAIRS, QUICK_REAL_PAIRS = 24, 2
 REAL_TOKENS = 48
 GOAL_RATIO_PCT = 5.0
 GOAL_STOP_P99_MS = 20.0
@@ -88,8 +89,10 @@ async def _synthetic(quick: bool) -> tuple[list[dict[str, Any]], dict[str, list[
         for repeat in range(QUICK_LOAD_REPEATS if quick else LOAD_REPEATS):
             for edge in ("ws", "http") if repeat % 2 == 0 else ("http", "ws"):
                 streams = QUICK_LOAD_STREAMS if quick else LOAD_STREAMS
-                loads[edge].append(await client.request(
-                    "load " + json.dumps({"edge": edge, "streams": streams, "max_tokens": LOAD_TOKENS}), "load", 120))
+                window = CpuMeter(cluster.pids())
+                load = await client.request(
+                    "load " + json.dumps({"edge": edge, "streams": streams, "max_tokens": LOAD_TOKENS}), "load", 120)
+                loads[edge].append({**load, "cpu_percent": window.read()})
                 await cluster.wait_workers_idle(30)
         progress(f"{NAME}: stops")
         stops = []
@@ -176,12 +179,19 @@ def _figures(pairs: list[dict[str, Any]], loads: dict[str, list[dict[str, Any]]]
     streams = QUICK_LOAD_STREAMS if len(loads["ws"]) < LOAD_REPEATS else LOAD_STREAMS
     load_ws, load_http = statistics.median(load["ws"]), statistics.median(load["http"])
     load_ratio = 100.0 * (load_http / load_ws - 1)
+    cpu_us = {edge: [round(x["cpu_percent"]["gateway-0"] / 100 * x["wall_s"] / x["tokens"] * 1e6, 2)
+                     for x in loads[edge] if "cpu_percent" in x] for edge in ("ws", "http")}
     figures["load"] = {"streams": streams, "tokens_per_s": load, "diff_pct": load_ratio,
+                       "gateway_cpu_us_per_token": cpu_us,
                        "first_token_ms_median": {edge: [round(statistics.median(x["first_s"]) * 1000, 3)
                                                         for x in loads[edge]] for edge in ("ws", "http")}}
     rows.append(Row(NAME, f"synthetic, load: tokens/s of {streams} streams, median (HTTP)", f"{load_http:.0f}",
                     f"WebSocket {load_ws:.0f} ({load_ratio:+.1f}%)", f"within {GOAL_RATIO_PCT:g}%",
                     abs(load_ratio) <= GOAL_RATIO_PCT))
+    if cpu_us["ws"] and cpu_us["http"]:
+        rows.append(Row(NAME, "synthetic, load: gateway CPU per token, median (HTTP)",
+                        f"{statistics.median(cpu_us['http']):.1f} µs",
+                        f"WebSocket {statistics.median(cpu_us['ws']):.1f} µs"))
     latencies: list[float] = []
     after: list[int] = []
     missing = 0
