@@ -13,10 +13,11 @@ same Redis calls as in production), only raised so that the load window's chats 
   time to first token is the system's alone: the harshest case for a per-request cost.
 - The same pairs on the default model (SmolLM2-135M-Instruct, one `--engine llama` worker
   with `--n-threads 1`, 48 tokens at temperature 0, a different prompt each, "tell me story
-  number N"): what a client of a real model sees. One thread: on a machine that others
-  share, llama.cpp's threads wait for each other at every step whenever one of them is
-  descheduled, and the time to first token swung from 0.7 to 6 s with two. Tokens/s counts the tokens after the first, over the time
-  from the first text to the end, for answers that ended `length` (48 tokens).
+  number N", odd and even N going to each edge in turn): what a client of a real model sees.
+  One thread: on a machine that others share, llama.cpp's threads wait for each other at
+  every step whenever one of them is descheduled, and the time to first token swung from
+  0.7 to 6 s with two. Tokens/s counts the tokens after the first, over the time from the
+  first text to the end, for answers that ended `length` (48 tokens).
 - Load: `LOAD_STREAMS` chats at once on one edge, then on the other, `LOAD_REPEATS` times:
   delivered tokens/s (all tokens over the wall time from the first send to the last end), the
   median time to first token, and the gateway's CPU per delivered token (what the edge costs,
@@ -120,7 +121,7 @@ async def _real_model(quick: bool) -> list[dict[str, Any]]:
         await client.request("pair " + json.dumps({"max_tokens": 8, "temperature": 0}), "pair", 120)  # warm-up
         pairs = []
         for i in range(QUICK_REAL_PAIRS if quick else REAL_PAIRS):
-            prompts = [f"tell me story number {2 * i + 1}", f"tell me story number {2 * i + 2}"]
+            prompts = [f"tell me story number {2 * i + 1}", f"tell me story number {2 * i + 2}"][::1 if i % 4 < 2 else -1]
             pairs.append(await client.request("pair " + json.dumps(
                 {"max_tokens": REAL_TOKENS, "temperature": 0, "http_first": i % 2 == 1, "prompts": prompts}), "pair", 120))
         await client.finish(30)
