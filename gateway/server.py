@@ -211,7 +211,7 @@ class Gateway:
         """`GET /info` (an extension, see README): the models that live workers serve, from
         their instance records; 503 when Redis cannot be asked."""
         try:
-            counts = await asyncio.wait_for(self._worker_models(), timeout=1.0)
+            counts = await asyncio.wait_for(self.worker_models(), timeout=1.0)
         except REDIS_ERRORS as exc:  # TimeoutError is an OSError
             log.warning("info_failed", error=str(exc))
             response = ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, json.dumps({"models": [], "redis": False}) + "\n")
@@ -222,8 +222,8 @@ class Gateway:
         response.headers["Cache-Control"] = "no-store"
         return response
 
-    async def _worker_models(self) -> dict[str, int]:
-        """Model name → number of registered workers serving it."""
+    async def worker_models(self) -> dict[str, int]:
+        """Model name → number of registered workers serving it (`/info`, `/v1/models`)."""
         counts: dict[str, int] = {}
         for record in await read_instances(self.store.redis, "worker"):
             if model := record.get("model"):

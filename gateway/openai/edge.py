@@ -45,7 +45,6 @@ from protocol.jobs import Job
 from protocol.limits import KeyedBuckets, LogThrottle
 from protocol.messages import Chunk, Terminal, server_decoder
 from store import Unavailable
-from store.registry import read_instances
 from store.retry import REDIS_ERRORS
 from store.tasks import Supervisor, cancel_all, spawn
 
@@ -359,7 +358,7 @@ class HttpEdge:
 
     async def _served_models(self) -> list[str]:
         """The models that live workers serve (as `GET /info` lists them)."""
-        names = sorted({r["model"] for r in await read_instances(self.store.redis, "worker") if r.get("model")})
+        names = sorted(await self.gw.worker_models())
         self._models = (time.monotonic(), names)
         return names
 
