@@ -1,7 +1,7 @@
 """`python -m bench [NAME ...] [--quick] [--json PATH] [--minutes N]`: run the benchmarks, print one table.
 
 NAME is one or more of relay_overhead, cancel_latency, throughput, idle_memory, pubsub_cost, job_memory,
-cluster_clients, cluster_pubsub, chaos (default: all, what `make bench` runs); `soak` runs only when
+cluster_clients, cluster_pubsub, chaos, openai_edge (default: all, what `make bench` runs); `soak` runs only when
 named (`--minutes N`, default 30). `--quick` uses tiny sizes (the smoke test); `--json PATH` writes
 every figure. Each benchmark starts its own Redis, gateways and workers as processes, runs its
 clients in separate processes, and stops them all when it ends, fails or is interrupted.
@@ -32,6 +32,7 @@ import bench.cluster_pubsub as cluster_pubsub
 import bench.chaos as chaos
 import bench.idle_memory as idle_memory
 import bench.job_memory as job_memory
+import bench.openai_edge as openai_edge
 import bench.pubsub_cost as pubsub_cost
 import bench.relay_overhead as relay_overhead
 import bench.soak as soak
@@ -49,6 +50,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     cluster_clients.NAME: cluster_clients.run,
     cluster_pubsub.NAME: cluster_pubsub.run,
     chaos.NAME: chaos.run,
+    openai_edge.NAME: openai_edge.run,
 }
 OPT_IN: dict[str, Callable[[argparse.Namespace], tuple[Figures, list[Row]]]] = {
     soak.NAME: lambda args: soak.run(args.quick, args.minutes),

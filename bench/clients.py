@@ -26,6 +26,9 @@ Modes (CONFIG keys in brackets):
   `heartbeat_s`. Prints `ready` once all are open; `report` gives the heartbeats sent and
   answered since then; `stop` closes them all.
 
+- `openai_edge` [ws_port, http_port]: the same chats through both edges, and Stops by
+  disconnect (`bench.openai_client`).
+
 Common keys: `connect_concurrency` (handshakes in flight, default 100); for `relay` and `idle`,
 `compression` ("deflate", what browsers offer, or null).
 """
@@ -48,6 +51,7 @@ from bench.clientio import (
 )
 from bench.stats import percentiles
 from bench.cancels import cancels
+from bench.openai_client import openai_edge
 from bench.streams import streams
 
 
@@ -222,7 +226,7 @@ async def idle(config: dict[str, Any]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-MODES = {"relay": relay, "cancels": cancels, "streams": streams, "idle": idle}
+MODES = {"relay": relay, "cancels": cancels, "streams": streams, "idle": idle, "openai_edge": openai_edge}
 
 
 def main(argv: list[str] | None = None) -> None:

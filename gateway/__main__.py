@@ -1,4 +1,4 @@
-"""`python -m gateway --host HOST --port PORT --redis-url URL [--auth-secret-file PATH] ...`
+"""`python -m gateway --host HOST --port PORT --redis-url URL [--http-port PORT] [--auth-secret-file PATH] ...`
 and `python -m gateway token --user NAME [--secret-file PATH] [--ttl SECONDS]`.
 
 The auth secret comes from `TOKENRELAY_AUTH_SECRET`, `--auth-secret-file PATH` or
@@ -38,6 +38,9 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"),
                         help="address to listen on; other than loopback only with an auth secret (or --insecure)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    parser.add_argument("--http-port", type=int, default=0,
+                        help="serve the OpenAI-compatible HTTP edge (/v1/...) on this port, same host and "
+                        "auth; 0 (the default): off")
     parser.add_argument("--redis-url", default=default_redis_url(), help="default: $REDIS_URL, else the embedded Redis")
     topology.add_arguments(parser)
     secret = parser.add_mutually_exclusive_group()
@@ -134,6 +137,7 @@ def config_of(args: argparse.Namespace) -> GatewayConfig:
         redis_url=args.redis_url,
         host=args.host,
         port=args.port,
+        http_port=args.http_port or None,
         auth_secret=secret,
         insecure=args.insecure,
         allow_origins=tuple(args.allow_origin),

@@ -58,8 +58,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("gateway.connection")
 
 CLOSE_POLICY = 1008
-RELAY_RESTART_S = 0.5
-"""Pause before a failed relay starts again (it re-reads the log from where it was)."""
 CLOSE_TOKEN_EXPIRED = 4001
 CLOSE_SLOW_CONSUMER = 4008
 CLOSE_TOO_MANY_CONNECTIONS = 4029
@@ -376,20 +374,10 @@ class Connection:
         self.relays[message_id] = (relay, task)
 
     async def _run_relay(self, relay: Relay) -> None:
-        """Run a relay; one that fails (Redis unavailable, or anything else) starts again from
-        the last seq it delivered, so a stream never stalls on an error."""
+        """Run a relay to its message's end (`Relay.run_until_end`), then forget it."""
         try:
-            await relay.run()
+            await relay.run_until_end((ConnectionClosed, SlowConsumer))
         except (ConnectionClosed, SlowConsumer):
-            return
-        except Exception as exc:
-            if isinstance(exc, Unavailable):
-                log.warning("relay_unavailable", message_id=relay.message_id, error=str(exc))
-            else:
-                log.exception("relay_failed", message_id=relay.message_id)
-            await asyncio.sleep(RELAY_RESTART_S)
-            if self.relays.get(relay.message_id, (None,))[0] is relay:
-                self.relay(relay.message_id, relay.tracker.last_seq)
             return
         current = self.relays.get(relay.message_id)
         if current is not None and current[0] is relay:

@@ -40,6 +40,8 @@ class Envelope(msgspec.Struct):
 
 
 _envelope = msgspec.json.Decoder(Envelope)
+RESTART_S = 0.5
+"""Pause before a failed relay runs again (it re-reads the log from where it was)."""
 TERMINAL_TYPES = frozenset({"done", "cancelled", "error"})
 _RESYNCS = {
     cause: metrics.RESYNCS.labels(cause) for cause in ("start", "gap", "overflow", "idle", "reconnect")
@@ -224,6 +226,25 @@ class Relay:
     @property
     def finished(self) -> bool:
         return self.tracker.finished
+
+    async def run_until_end(self, outlet_errors: tuple[type[BaseException], ...]) -> None:
+        """`run` until the message's terminal is delivered: a run that fails (Redis
+        unavailable, or anything else) starts again after `RESTART_S` from the last seq it
+        delivered, so a stream never stalls on an error. `outlet_errors` (the client is
+        gone) end it at once, raised."""
+        while True:
+            try:
+                await self.run()
+                return
+            except outlet_errors:
+                raise
+            except Exception as exc:
+                if isinstance(exc, Unavailable):
+                    log.warning("relay_unavailable", message_id=self.message_id, error=str(exc))
+                else:
+                    log.exception("relay_failed", message_id=self.message_id)
+            await asyncio.sleep(RESTART_S)
+            self._ask_resync("start")
 
     async def run(self) -> None:
         await self.hub.watch(self)

@@ -46,6 +46,10 @@ PING_RTT = Histogram(
     "WebSocket ping round trip of client connections",
     buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
 )
+HTTP_REQUESTS = Counter(
+    "tokenrelay_gateway_http_requests_total", "Requests to the OpenAI-compatible HTTP edge, by route and status",
+    ["route", "status"],
+)
 CLOSED = Counter("tokenrelay_gateway_closed_total", "Connections closed, by reason", ["reason"])
 RESYNCS = Counter(
     "tokenrelay_gateway_log_resyncs_total",

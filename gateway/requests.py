@@ -11,6 +11,7 @@ from gateway import metrics
 from protocol.jobs import Job
 from protocol.messages import Accepted, Cancel, CancelResult, CancelStatus, Chat, Resume
 from store import Unavailable
+from store.redis_store import Store
 
 if TYPE_CHECKING:
     from gateway.connection import Connection
@@ -51,7 +52,7 @@ async def chat(conn: Connection, message: Chat) -> None:
             case "busy":
                 supersede = result.message_id
                 status, worker = await gw.store.cancel(supersede, conn.user, "superseded")
-                await tell_worker(conn, worker, supersede)
+                await tell_worker(gw.store, worker, supersede)
                 log.info("chat_supersedes", message_id=supersede, session_id=job.session_id, status=status)
             case "rate_limited":
                 conn.refused("generations")
@@ -101,17 +102,17 @@ async def cancel(conn: Connection, message: Cancel) -> None:
         elapsed_ms=round(elapsed * 1000, 3),
     )
     if target is not None:
-        await tell_worker(conn, worker, target)
+        await tell_worker(gw.store, worker, target)
 
 
-async def tell_worker(conn: Connection, worker: str, message_id: str) -> None:
+async def tell_worker(store: Store, worker: str, message_id: str) -> None:
     """Push a cancel to the worker that runs the message ("" when none needs telling). The
     message has already ended in the store, so a lost push only means that the worker stops
     at its next chunk (refused) instead of at once: logged, not reported to the client."""
     if not worker:
         return
     try:
-        await conn.gw.store.notify_worker(worker, message_id)
+        await store.notify_worker(worker, message_id)
     except Unavailable as exc:
         log.warning("cancel_push_failed", message_id=message_id, worker_id=worker, error=str(exc))
 

@@ -1,4 +1,5 @@
-"""The gateway process: WebSocket server, HTTP endpoints, live hub, attach leases, beat."""
+"""The gateway process: WebSocket server, HTTP endpoints, the OpenAI-compatible HTTP edge,
+live hub, attach leases, beat."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from gateway import metrics
 from gateway.connection import CLOSE_TOKEN_EXPIRED, Connection
 from gateway.guards import exposure_problem
 from gateway.live import LiveHub
+from gateway.openai.edge import HttpEdge
 from protocol.auth import Claims, check_secret, verify_claims
 from protocol.limits import LogThrottle, Quotas
 from protocol.origin import origin_allowed
@@ -41,6 +43,8 @@ class GatewayConfig:
     redis_url: str
     host: str = "127.0.0.1"
     port: int = 8000
+    http_port: int | None = None
+    """The OpenAI-compatible HTTP edge's port (0: any free one); None: off."""
     auth_secret: str | None = field(default=None, repr=False)
     """Signs users' tokens (at least 32 bytes). None: development mode, loopback only."""
     insecure: bool = False
@@ -94,6 +98,7 @@ class Gateway:
         self._demo_page = resources.files("gateway").joinpath("static/index.html").read_text()
         self._refusal_log = LogThrottle()
         self._serials = itertools.count(1)
+        self.http = HttpEdge(self) if config.http_port is not None else None
 
     def verify(self, token: str) -> Claims:
         """A token's claims, or `AuthError`."""
@@ -140,6 +145,9 @@ class Gateway:
         ) as server:
             self.server = server
             self._port = int(server.sockets[0].getsockname()[1])
+            if self.http is not None:
+                assert c.http_port is not None
+                await self.http.start(c.host, c.http_port)
             background = Supervisor()
             background.start(self._refresh_leases, "leases")
             background.start(self.registry.run, "beat")
@@ -151,6 +159,8 @@ class Gateway:
             await stop.wait()
             log.info("gateway_draining", connections=len(self.connections))
             server.close(close_connections=True)
+            if self.http is not None:
+                await self.http.close()
             await server.wait_closed()
             await background.close()
         await self.hub.close()
@@ -206,7 +216,7 @@ class Gateway:
         """`GET /info` (an extension, see README): the models that live workers serve, from
         their instance records; 503 when Redis cannot be asked."""
         try:
-            counts = await asyncio.wait_for(self._worker_models(), timeout=1.0)
+            counts = await asyncio.wait_for(self.worker_models(), timeout=1.0)
         except REDIS_ERRORS as exc:  # TimeoutError is an OSError
             log.warning("info_failed", error=str(exc))
             response = ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, json.dumps({"models": [], "redis": False}) + "\n")
@@ -217,8 +227,8 @@ class Gateway:
         response.headers["Cache-Control"] = "no-store"
         return response
 
-    async def _worker_models(self) -> dict[str, int]:
-        """Model name → number of registered workers serving it."""
+    async def worker_models(self) -> dict[str, int]:
+        """Model name → number of registered workers serving it (`/info`, `/v1/models`)."""
         counts: dict[str, int] = {}
         for record in await read_instances(self.store.redis, "worker"):
             if model := record.get("model"):
@@ -267,6 +277,8 @@ class Gateway:
         while True:
             await asyncio.sleep(lease_ms / 3000)
             watched = [mid for conn in self.connections for mid in conn.watching()]
+            if self.http is not None:
+                watched += self.http.watching()
             try:
                 await self.store.refresh_attach(watched, lease_ms)
             except REDIS_ERRORS as exc:
@@ -277,6 +289,7 @@ class Gateway:
             "port": self.port,
             "active": len(self.connections),
             "streams": sum(len(c.relays) for c in self.connections),
+            **({"http_port": self.http.port, "http_streams": len(self.http.holds)} if self.http is not None else {}),
         }
 
     async def _renew_connection_slots(self) -> None:
@@ -290,6 +303,8 @@ class Gateway:
                     metrics.PING_RTT.observe(conn.ws.latency)
                 if conn.slot is not None:
                     slots.setdefault(conn.slot[0], []).append(conn.slot[1])
+            for user, name in self.http.slots() if self.http is not None else ():
+                slots.setdefault(user, []).append(name)
             try:
                 await self.store.renew_connections(slots, int(time.time() * 1000), lapse_ms)
             except REDIS_ERRORS as exc:

@@ -43,3 +43,8 @@ def tag_of(message_id: str) -> str:
     if not dot or not tag:
         raise ValueError(f"not a message id: {message_id!r}")
     return tag
+
+
+def issued_ms(message_id: str) -> int:
+    """When an id of `is_message_id`'s form was minted (Unix milliseconds)."""
+    return int(message_id[1:12], 16)

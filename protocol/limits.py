@@ -85,6 +85,36 @@ class TokenBucket:
         return (1.0 - tokens) / self.rate
 
 
+class KeyedBuckets:
+    """A `TokenBucket` per key (a user), for requests that hold no connection of their own
+    (the HTTP edge). `prune` forgets buckets that have filled up again (the same as new), so
+    memory is bounded by the keys active within the last `burst / rate` seconds."""
+
+    __slots__ = ("rate", "burst", "_buckets")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def take(self, key: str, now: float) -> float:
+        """`TokenBucket.take` on the key's bucket."""
+        if self.rate <= 0:
+            return 0.0
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
+        return bucket.take(now)
+
+    def prune(self, now: float) -> None:
+        full = [k for k, b in self._buckets.items() if b.tokens + (now - b.stamp) * b.rate >= b.burst]
+        for key in full:
+            del self._buckets[key]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
 def retry_after_ms(wait_s: float) -> int:
     """A wait in whole milliseconds, never 0 (a client that retries at once is refused again)."""
     return max(1, math.ceil(wait_s * 1000))

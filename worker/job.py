@@ -18,11 +18,10 @@ from protocol import coalesce
 from protocol.coalesce import Coalescer
 from protocol.jobs import Job
 from protocol.messages import Chunk, Error, ErrorCode, FinishReason, Terminal, encode_text, state_of
-from store import keys
+from store import DeadlinePassed, NotReplicated, keys
 from store.redis_store import Append, Ending, Store
-from store import DeadlinePassed, NotReplicated
 from store.retry import retry
-from worker import PromptTooLong, metrics
+from worker import PromptTooLong, metrics, prompt
 from worker.cancel_token import CancelToken
 from worker.engines.base import Engine, Finish, GenerationRequest, Turn
 from worker.progress import UNAVAILABLE, Progress, Stop, terminal_event
@@ -110,8 +109,13 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
 
 
 async def build_request(services: JobServices, job: Job) -> GenerationRequest:
+    """The engine's request: the job's own conversation when it carries one, else the
+    session's history (engines that use it)."""
     history: list[Turn] = []
-    if services.with_history:
+    system: str | None = None
+    if job.conversation is not None:
+        system, history = prompt.from_conversation(job.conversation)
+    elif services.with_history:
         turns = await retry(
             lambda: services.store.session_turns(job.user, job.session_id, before=job.message_id),
             "history",
@@ -119,7 +123,7 @@ async def build_request(services: JobServices, job: Job) -> GenerationRequest:
         )
         history = [Turn(t.role, t.text, "cancelled" if t.status == "cancelled" else "complete") for t in turns]
     return GenerationRequest(
-        job.message_id, job.text, job.max_tokens, history, temperature=job.temperature, seed=job.seed
+        job.message_id, job.text, job.max_tokens, history, temperature=job.temperature, seed=job.seed, system=system
     )
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from protocol.jobs import ChatTurn
 from worker import PromptTooLong
 from worker.engines.base import Turn
 
@@ -136,3 +137,11 @@ def canonical_after(keep: int, canonical: int, prompt_tokens: int, align: int) -
     if keep <= canonical and keep % align == 0:
         return prompt_tokens
     return min(canonical, keep)
+
+
+def from_conversation(conversation: Sequence[ChatTurn]) -> tuple[str | None, list[Turn]]:
+    """A conversation the client sent whole, as (system prompt, history): the system turns
+    joined (None when there are none), the others in order."""
+    system = [turn.content for turn in conversation if turn.role == "system"]
+    history = [Turn(turn.role, turn.content) for turn in conversation if turn.role != "system"]
+    return ("\n\n".join(system) if system else None), history

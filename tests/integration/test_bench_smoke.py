@@ -96,3 +96,20 @@ def test_chaos_quick(tmp_path: Path) -> None:
     number(figures["recovery_ms"]["p99"])
     for exit_ in figures["exits"]:
         assert exit_["name"] and exit_["evidence"]
+
+
+@pytest.mark.llama
+@pytest.mark.real_model
+def test_openai_edge_quick(tmp_path: Path) -> None:
+    """Both edges measured in the same run, on the synthetic engine and on SmolLM2, and the
+    Stop by disconnect reaches the worker for every sample."""
+    figures = run_bench("openai_edge", tmp_path, timeout_s=180)
+    for section in ("synthetic", "smollm2"):
+        for edge in ("ws", "http"):
+            assert number(figures[section][edge]["first_token_ms"]["p50"]) > 0
+            assert number(figures[section][edge]["tokens_per_s_median"]) > 0
+        number(figures[section]["first_token_diff_pct"])
+    assert all(number(x) > 0 for edge in ("ws", "http") for x in figures["load"]["tokens_per_s"][edge])
+    stop = figures["stop"]
+    assert stop["samples"] > 0 and stop["not_stopped"] == 0, stop
+    assert number(stop["latency_ms"]["p99"]) > 0 and number(stop["tokens_after_cancel_max"]) >= 0

@@ -41,6 +41,8 @@ class GenerationRequest:
     """0: greedy (the same text every time); None: the engine's default."""
     seed: int | None = None
     """Sampling seed; None: the engine's default."""
+    system: str | None = None
+    """The client's system prompt, instead of the engine's own; None: the engine's."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -303,7 +303,8 @@ class LlamaEngine:
             return len(tokens)
 
         budget = prompt.prompt_budget(self.n_ctx, request.max_tokens)
-        fitted = prompt.fit(request.history, request.text, self._system_prompt, measure, budget, self.n_ctx)
+        system = self._system_prompt if request.system is None else request.system
+        fitted = prompt.fit(request.history, request.text, system, measure, budget, self.n_ctx)
         stats.history_dropped = fitted.dropped
         return rendered[len(fitted.messages)]
 
