@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from store import embedded
+from store.redis_store import Store, connect
 from tests.cluster import any_cluster, cluster_url, redis7_cluster, redis_cluster, redis_target  # noqa: F401 (fixtures)
 from tests.support import ProcessCluster
 
@@ -78,3 +79,14 @@ async def process_cluster(redis_url: str, tmp_path: Path) -> AsyncIterator[Proce
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[Store]:
+    """The store of the test's Redis (one shard), its APPEND script loaded."""
+    s = Store(connect(redis_url))
+    await s.load_append_script()
+    try:
+        yield s
+    finally:
+        await s.close()

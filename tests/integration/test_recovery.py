@@ -7,9 +7,7 @@ the way crashes and expiry leave them.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
-import pytest
 
 from protocol.jobs import Job
 from protocol.messages import Chunk, Done, encode_text
@@ -19,15 +17,6 @@ from store.settings import Lifetimes
 from tests.support import BACKLOG, JOBS_STREAM, KEYSPACE, message_id, wait_until, worker
 from worker.engines.synthetic import SyntheticEngine
 from worker.runner import Worker
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[Store]:
-    s = Store(connect(redis_url))
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def new_job(n: int, max_tokens: int = 3, user: str = "u") -> Job:

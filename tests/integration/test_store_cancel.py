@@ -7,10 +7,8 @@ step at a time, so each interleaving of cancel, chunk and finish is exact.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import msgspec
-import pytest
 
 from protocol.jobs import Job
 from protocol.messages import Cancelled, Chunk, Done, HistoryTurn, encode_text
@@ -19,16 +17,6 @@ from tests.support import KEYSPACE
 from store.redis_store import APPEND_RESULTS, Append, Store, connect
 
 WORKER = "w-test"
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[Store]:
-    s = Store(connect(redis_url))
-    await s.load_append_script()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def running_message(store: Store, user: str = "u", session: str = "s") -> tuple[str, int]:

@@ -4,9 +4,7 @@ worker subscribes again, reads the cancel keys it may have missed, and takes pus
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
-import pytest
 import redis.asyncio as aioredis
 
 from protocol.jobs import Job
@@ -17,15 +15,6 @@ from worker import metrics
 from worker.engines.synthetic import SyntheticEngine
 from worker.job import Running
 from worker.runner import Worker
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[Store]:
-    s = Store(connect(redis_url))
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def running_job(store: Store, w: Worker) -> tuple[str, Running]:
