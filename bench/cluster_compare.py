@@ -11,7 +11,9 @@ shared and its load drifts):
 - cost per token: `bench.throughput`'s step, N streams of 20 tokens/s through one gateway (a
   load the 2-core machine carries on all of them), delivered tokens/s and the CPU each kind of
   process spent per delivered token (gateway, worker, Redis summed over every node; per node
-  too, which gives what one master pays per token of its own shard);
+  too, which gives what one master pays per token of its own shard); one Redis also at a third
+  of the streams, the tokens/s each master of a cluster serves (a server's cost per token falls
+  as its load grows: more commands per read, per write and per wake-up);
 - idle: the CPU each kind of process uses with nothing to do (beats, blocking reads, a
   cluster's gossip), the fixed part of the cost per token;
 - cancel latency: `bench.cancel_latency`'s idle window (one stream and one cancel at a time,
@@ -50,7 +52,7 @@ GOAL_COST_RATIO = 1.15
 GOAL_P99_EXTRA_MS = 1.0
 ROUNDS, STREAMS, CANCELS = 3, 300, 200
 IDLE_S = 5.0
-BUS_SAMPLES = 300
+BUS_SAMPLES = 1000
 REDIS_CORE_SHARE = 0.5
 """The share of one core a master is planned to use in the capacity table: the rest is
 headroom for bursts, reconnect storms and the latency a busy single-threaded server adds."""
@@ -134,6 +136,13 @@ async def _throughput(cluster: Cluster, port: int, streams: int, quick: bool) ->
     }
 
 
+def _report(what: str, result: dict[str, Any]) -> None:
+    progress(f"{NAME}: {what}: {result['tokens_per_s']:,.0f} tokens/s ({result['delivered_pct']:.0f}%), "
+             f"{result['us_per_token']:.1f} µs CPU/token "
+             f"({', '.join(f'{k} {v:.1f}' for k, v in result['by_kind'].items())}), "
+             f"p99 gap {result['p99_gap_ms']:.0f} ms, others {result['others_cpu_percent']:.0f}%")
+
+
 async def _idle(cluster: Cluster, quick: bool) -> dict[str, float]:
     """CPU % by kind of process while the deployment has nothing to do."""
     cpu = CpuMeter(cluster.pids())
@@ -182,6 +191,9 @@ def bus_latency(cluster: EmbeddedCluster, samples: int) -> dict[str, dict[str, f
 async def _measure(rounds: int, streams: int, cancels: int, quick: bool) -> Figures:
     found = targets()
     figures: Figures = {t.name: {"throughput": [], "idle": [], "cancel": []} for t in found}
+    for target in found:
+        if not target.cluster:
+            figures[target.name]["throughput_third"] = []
     figures["load_average"] = [list(os.getloadavg())]
     async with AsyncExitStack() as stack:
         deployments = {}
@@ -194,10 +206,11 @@ async def _measure(rounds: int, streams: int, cancels: int, quick: bool) -> Figu
                 cluster, ports = deployments[target.name]
                 result = await _throughput(cluster, ports[0], streams, quick)
                 figures[target.name]["throughput"].append(result)
-                progress(f"{NAME}: #{round_ + 1} {target.name}: {result['tokens_per_s']:,.0f} tokens/s "
-                         f"({result['delivered_pct']:.0f}%), {result['us_per_token']:.1f} µs CPU/token "
-                         f"({', '.join(f'{k} {v:.1f}' for k, v in result['by_kind'].items())}), "
-                         f"p99 gap {result['p99_gap_ms']:.0f} ms, others {result['others_cpu_percent']:.0f}%")
+                _report(f"#{round_ + 1} {target.name}", result)
+                if not target.cluster:
+                    third = await _throughput(cluster, ports[0], streams // 3, quick)
+                    figures[target.name]["throughput_third"].append(third)
+                    _report(f"#{round_ + 1} {target.name} at {streams // 3} streams", third)
             for target in order:
                 idle = await _idle(deployments[target.name][0], quick)
                 figures[target.name]["idle"].append(idle)
@@ -248,6 +261,11 @@ def summarize(figures: Figures) -> dict[str, Any]:
             "cancels": sum(r["n"] for r in c),
             "cancel_failures": sum(r["failures"] for r in c),
         }
+        if "throughput_third" in figures[name]:
+            third = figures[name]["throughput_third"]
+            summary[name].update(third_tokens_per_s=_median(third, "tokens_per_s"),
+                                 third_us_per_token=_median(third, "us_per_token"),
+                                 third_redis_us_per_token=_median(third, "master_us_per_own_token"))
         if name.startswith("cluster"):
             single = figures[_single_of(name)]
             ratios = [b["us_per_token"] / a["us_per_token"] if a["us_per_token"] else 0.0
@@ -299,7 +317,9 @@ def rows(figures: Figures, summary: dict[str, Any]) -> list[Row]:
                        f"single {_idle_text(single)}"))
         out.append(Row(NAME, f"{name}: Redis µs per token: a master per own token (busiest); replicas",
                        f"{cluster['master_us_per_own_token']:.1f} ({cluster['busiest_master_us_per_own_token']:.1f}); "
-                       f"{cluster['replicas_us_per_token']:.1f}", f"single {single['redis_us_per_token']:.1f}"))
+                       f"{cluster['replicas_us_per_token']:.1f}",
+                       f"single {single['redis_us_per_token']:.1f}; at {single['third_tokens_per_s']:,.0f} tokens/s "
+                       f"{single['third_redis_us_per_token']:.1f}"))
         met = cluster["p99_extra_ms"] <= GOAL_P99_EXTRA_MS and cluster["cancel_failures"] == 0 \
             and single["cancel_failures"] == 0
         out.append(Row(NAME, f"{name}: cancel p50 / p99, idle ({of})",
