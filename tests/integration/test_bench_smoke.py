@@ -113,3 +113,36 @@ def test_openai_edge_quick(tmp_path: Path) -> None:
     stop = figures["stop"]
     assert stop["samples"] > 0 and stop["not_stopped"] == 0, stop
     assert number(stop["latency_ms"]["p99"]) > 0 and number(stop["tokens_after_cancel_max"]) >= 0
+
+
+def test_cluster_compare_quick(tmp_path: Path) -> None:
+    """One Redis and a 3-master cluster (6.2, and 7 where Debian's is installed) in one run:
+    every deployment delivers its streams, cancels complete on both, and Redis's CPU is read
+    from every node of a cluster."""
+    from store import embedded
+
+    figures = run_bench("cluster_compare", tmp_path, timeout_s=240)
+    expected = ["single 6.2", "cluster 6.2"]
+    if embedded.redis7_server() is not None:
+        expected += ["single 7", "cluster 7", "cluster 7 no replicas"]
+    assert figures["targets"] == expected
+    for name in expected:
+        step = figures[name]["throughput"][0]
+        assert step["live"] == figures["streams"]
+        assert number(step["tokens_per_s"]) > 0
+        assert number(step["us_per_token"]) > 0
+        nodes = step["redis_nodes"]
+        replicas = 0 if not name.startswith("cluster") or name.endswith("no replicas") else 3
+        assert sum(1 for node in nodes if "-master-" in node) == (3 if name.startswith("cluster") else 0)
+        assert sum(1 for node in nodes if "-replica-" in node) == replicas
+        assert number(step["replicas_us_per_token"]) >= 0
+        cancel = figures[name]["cancel"][0]
+        assert cancel["n"] == figures["cancels"] and cancel["failures"] == 0
+        number(cancel["p99_ms"])
+        assert figures[name]["failed_over"] is False
+        summary = figures["summary"][name]
+        assert summary["capacity"]["tokens_per_s_per_master"] > 0
+        if name.startswith("cluster"):
+            number(summary["cost_ratio"])
+            number(summary["p99_extra_ms"])
+            assert number(figures[name]["bus_latency"]["other_master"]["p50"]) > 0
