@@ -1,4 +1,4 @@
-"""`python -m worker --redis-url URL [--engine llama|synthetic] [--model PATH] [--concurrency N]`."""
+"""`python -m worker --redis-url URL [--engine llama|synthetic] [--model PATH] [--concurrency N] [--batched]`."""
 
 from __future__ import annotations
 
@@ -23,7 +23,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redis-url", default=default_redis_url(), help="default: $REDIS_URL, else the embedded Redis")
     parser.add_argument("--engine", choices=["llama", "synthetic"], default=os.environ.get("TOKENRELAY_ENGINE", "llama"))
     parser.add_argument("--model", default=None, help="GGUF file (default: the built-in model)")
-    parser.add_argument("--concurrency", type=int, default=None, help="jobs at once (llama: 1, synthetic: 200)")
+    parser.add_argument("--concurrency", type=int, default=None, help="jobs at once (llama: 1, batched: 8, synthetic: 200)")
+    parser.add_argument(
+        "--batched",
+        action="store_true",
+        help="llama: one model decodes the --concurrency chats together, each with --n-ctx tokens",
+    )
     parser.add_argument("--synthetic-rate", type=float, default=20.0, help="tokens per second (0: as fast as possible)")
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--n-threads", type=int, default=None)
@@ -67,6 +72,18 @@ def build_engines(args: argparse.Namespace) -> list[Engine]:
 
         engine = SyntheticEngine(rate=args.synthetic_rate)
         return [engine] * (args.concurrency or 200)
+    if args.batched:
+        from worker.engines.batched import BatchedLlamaEngine
+
+        batched = BatchedLlamaEngine(
+            args.model,
+            n_seq=args.concurrency or 8,
+            n_ctx=args.n_ctx,
+            n_threads=args.n_threads,
+            n_gpu_layers=args.n_gpu_layers,
+            handoff_window_s=args.coalesce_ms / 1000,
+        )
+        return [batched] * batched.n_seq
     from worker.engines.llama import LlamaEngine
 
     return [

@@ -29,6 +29,10 @@ class GenerationRequest:
     max_tokens: int
     history: list[Turn] = field(default_factory=list)
     """Earlier turns of the session, oldest first (not including `text`)."""
+    temperature: float | None = None
+    """0: greedy (the same text every time); None: the engine's default."""
+    seed: int | None = None
+    """Sampling seed; None: the engine's default."""
 
 
 @dataclass(frozen=True, slots=True)
