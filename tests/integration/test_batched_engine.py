@@ -181,8 +181,8 @@ async def test_a_long_prompt_joins_in_chunks_between_decode_steps() -> None:
         await until(lambda: all(engine.sequence_stats(r.message_id) and stats(engine, r.message_id).generated_tokens >= 5
                                 for r in runners))
         joined = await collect(engine, request("joiner", prompt, 10))
+        steps = list(engine.steps)  # the engine keeps the latest 512
         results = await asyncio.gather(*tasks)
-        steps = list(engine.steps)
     s_join = stats(engine, "joiner")
     assert s_join.prompt_tokens > 1000 and joined[1] == [Finish("length")]
     done = prefills_of(steps, "joiner")
