@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.smollm2 import smollm2_q4_1
+from bench.smollm2 import smollm2_q4_1
 from tests.support import wait_until
 from worker.cancel_token import CancelToken, Phase
 from worker.engines.base import Finish, GenerationRequest, Turn

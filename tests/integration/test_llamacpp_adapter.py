@@ -15,7 +15,7 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
-from tests.smollm2 import smollm2_q4_0, smollm2_q4_1
+from bench.smollm2 import smollm2_q4_0, smollm2_q4_1
 from worker.engines.llamacpp import (
     Batch, Context, DecodeError, DecodeStatus, Model, Sampler, requantize, requantized_path,
 )

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import structlog
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from protocol import coalesce
@@ -50,6 +51,7 @@ from worker.engines.llamacpp import Batch, Context, DecodeError, LlamaCppError, 
 from worker.model import ensure_builtin_model
 
 _log = logging.getLogger("tokenrelay.batched")
+log = structlog.get_logger("worker.batched")
 
 _RECENT = 512
 """How many finished sequences' stats, and how many steps, the engine keeps for inspection."""
@@ -88,6 +90,8 @@ class SequenceStats:
     released_at: float | None = None
     """When its KV cells were removed and its slot freed."""
     admitted_step: int | None = None
+    cancel_step: int | None = None
+    """The step counter when its token was cancelled."""
     released_step: int | None = None
     """The step counter at its release: k if released during step k, or between steps
     k - 1 and k. `admitted_step` likewise: the first step it could take part in."""
@@ -348,6 +352,7 @@ class BatchedLlamaEngine:
 
     def _on_cancel(self, seq: _Seq) -> None:
         """Wake the request's `generate` (it returns) and the thread (it drops the sequence)."""
+        seq.stats.cancel_step = self.step_count
         seq.handoff.put(_Cancelled(), urgent=True)
         self._wake.set()
 
@@ -586,11 +591,13 @@ class _Runner:
             seq.sampler.close()
             seq.sampler = None
         seq.state = _State.ENDED
-        seq.stats.finish = finish
-        seq.stats.released_at = time.monotonic()
-        seq.stats.released_step = self.engine.step_count
+        stats = seq.stats
+        stats.finish = finish
+        stats.released_at = time.monotonic()
+        stats.released_step = self.engine.step_count
         seq.token.set_phase(Phase.FINISHED)
         seq.emit(_Done())
+        _log_end(stats, seq.token)
 
     def end_all(self, error: Exception) -> None:
         """When the thread stops: every request still held or waiting ends with `error`."""
@@ -600,3 +607,28 @@ class _Runner:
             seq.slot = -1  # the context goes with the thread
             seq.emit(error)
             self.end(seq, "error")
+
+
+def _ms(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else round((end - start) * 1000, 2)
+
+
+def _log_end(stats: SequenceStats, token: CancelToken) -> None:
+    """One line per sequence: the engine's side of a job (queueing, prefill, what a cancel
+    cost), beside the worker's `job_finished`."""
+    released, admitted, cancelled = stats.released_step or 0, stats.admitted_step, stats.cancel_step
+    log.info(
+        "sequence_ended",
+        message_id=stats.message_id,
+        finish=stats.finish,
+        slot=stats.slot,
+        prompt_tokens=stats.prompt_tokens,
+        generated_tokens=stats.generated_tokens,
+        history_dropped=stats.history_dropped,
+        queued_ms=_ms(stats.queued_at, stats.admitted_at),
+        first_token_ms=_ms(stats.queued_at, stats.first_token_at),
+        steps=None if admitted is None else released - admitted,
+        tokens_after_cancel=None if cancelled is None else stats.tokens_after_cancel,
+        steps_after_cancel=None if cancelled is None else released - cancelled,
+        cancel_to_release_ms=None if cancelled is None else _ms(token.cancelled_at, stats.released_at),
+    )

