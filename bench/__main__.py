@@ -1,6 +1,6 @@
 """`python -m bench [NAME ...] [--quick] [--json PATH]`: run the benchmarks, print one table.
 
-NAME is one or more of relay_overhead, cancel_latency, throughput, idle_memory, pubsub_cost, job_memory (default: all,
+NAME is one or more of relay_overhead, cancel_latency, throughput, idle_memory, pubsub_cost, job_memory, batched (default: all,
 what `make bench` runs). `--quick` uses tiny sizes (the smoke test); `--json PATH` writes every
 figure. Each benchmark starts its own Redis, gateways and workers as processes, runs its
 clients in separate processes, and stops them all when it ends, fails or is interrupted.
@@ -25,6 +25,7 @@ from types import FrameType
 from rich.console import Console
 from rich.table import Table
 
+import bench.batched as batched
 import bench.cancel_latency as cancel_latency
 import bench.idle_memory as idle_memory
 import bench.job_memory as job_memory
@@ -41,6 +42,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     idle_memory.NAME: idle_memory.run,
     pubsub_cost.NAME: pubsub_cost.run,
     job_memory.NAME: job_memory.run,
+    batched.NAME: batched.run,
 }
 
 

@@ -82,6 +82,9 @@ class SequenceStats:
     tokens_after_cancel: int = 0
     """Tokens sampled for it after its token was cancelled (the step that was running)."""
     slot: int | None = None
+    worst_prefill_step_s: float = 0.0
+    """The longest step that evaluated part of its prompt: how long the chats decoding beside
+    it waited for their next token because of it."""
     finish: str = ""
     """"stop", "length", "cancelled" or "error" once it is over."""
     queued_at: float = 0.0
@@ -495,15 +498,18 @@ class _Runner:
         decoded_at = time.monotonic()
         waiting = [s for s in runnable if s.state is _State.PREFILL and not s.stopped]
         plan = plan_prefill([(s.pos, len(s.prompt)) for s in waiting], engine.prefill_chunk)
-        prefilled: list[tuple[str, int]] = []
+        prefilled: list[tuple[_Seq, int]] = []
         for seq, count in zip(waiting, plan):
             if seq.stopped:  # cancelled while an earlier call ran: dropped before the next step
                 continue
             self.prefill(seq, count)
-            prefilled.append((seq.request.message_id, count))
+            prefilled.append((seq, count))
         done = time.monotonic()
+        for seq, _count in prefilled:
+            seq.stats.worst_prefill_step_s = max(seq.stats.worst_prefill_step_s, done - started)
         engine.steps.append(
-            Step(engine.step_count, tuple(s.request.message_id for s in decoding), tuple(prefilled),
+            Step(engine.step_count, tuple(s.request.message_id for s in decoding),
+                 tuple((s.request.message_id, count) for s, count in prefilled),
                  started, decoded_at - started, done - decoded_at)
         )
         engine.step_count += 1
@@ -628,6 +634,7 @@ def _log_end(stats: SequenceStats, token: CancelToken) -> None:
         queued_ms=_ms(stats.queued_at, stats.admitted_at),
         first_token_ms=_ms(stats.queued_at, stats.first_token_at),
         steps=None if admitted is None else released - admitted,
+        worst_prefill_step_ms=round(stats.worst_prefill_step_s * 1000, 2),
         tokens_after_cancel=None if cancelled is None else stats.tokens_after_cancel,
         steps_after_cancel=None if cancelled is None else released - cancelled,
         cancel_to_release_ms=None if cancelled is None else _ms(token.cancelled_at, stats.released_at),

@@ -70,6 +70,13 @@ class DecodeError(LlamaCppError):
         self.code = code
 
 
+def default_threads() -> int:
+    """Half the logical CPUs, as llama-cpp-python's `Llama` does: the physical cores on an SMT
+    machine, and on a small one a core left to the event loop that relays the tokens. ggml's
+    threads wait for each other at every step, so one of them preempted stalls them all."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 def route_logs() -> None:
     """Send llama.cpp's log lines (hundreds per context creation) to `logging`, not stderr."""
     llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
@@ -180,8 +187,7 @@ class Context:
         params.n_seq_max = n_seq
         params.n_batch = n_batch
         params.n_ubatch = n_batch
-        threads = n_threads or os.cpu_count() or 1
-        params.n_threads = params.n_threads_batch = threads
+        params.n_threads = params.n_threads_batch = n_threads or default_threads()
         params.no_perf = True
         _set_if_present(params, "kv_unified", False)
         # CPU flash attention gives a sequence slightly different logits depending on what else
