@@ -5,7 +5,7 @@ on one gateway:
 - baseline: a worker at `--batched --concurrency 1` answers chats one at a time;
 - the same worker at `--concurrency 8`: 1, 2, 4 and 8 chats sent at once (relay clients, one
   connection each). Aggregate tokens/s = all their tokens / (last terminal − send); per chat =
-  a chat's tokens / (its terminal − its first chunk); time to first chunk from its send;
+  a chat's tokens / (its terminal − its send); time to first chunk from its send;
 - a 1,000-token prompt joining 7 running chats (a `streams` client): the longest gap between
   two chunks of a running chat while it joins, against the gaps of the seconds before; and
   the engine's own view from the worker's `sequence_ended` line (its worst prefill step);
@@ -22,6 +22,7 @@ rounds, and the CPU that other processes used meanwhile is reported.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import statistics
@@ -73,10 +74,14 @@ class _Counter:
         self.model.close()
 
 
-async def _start_worker(cluster: Cluster, model: Path | None, concurrency: int, threads: int | None = None) -> Server:
+THREADS: int | None = None
+"""`--n-threads` of the workers (None: the engine's default); `python -m bench.batched --threads N`."""
+
+
+async def _start_worker(cluster: Cluster, model: Path | None, concurrency: int) -> Server:
     extra = ["--model", str(model)] if model is not None else []
-    if threads is not None:
-        extra += ["--n-threads", str(threads)]
+    if THREADS is not None:
+        extra += ["--n-threads", str(THREADS)]
     worker = cluster.add_worker("--engine", "llama", "--batched", "--concurrency", str(concurrency),
                                 "--n-ctx", str(N_CTX), *extra)
     await cluster.wait_ready(120)
@@ -96,7 +101,7 @@ def _rates(messages: list[dict[str, Any]], count: _Counter, tokens: int) -> dict
     if bad:
         raise RuntimeError(f"chats did not end with done: {[(m.get('terminal'), m.get('code')) for m in bad]}")
     counted = [count(m, tokens) for m in messages]
-    per_chat = [n / (m["end_s"] - m["first_s"]) for n, m in zip(counted, messages) if m["end_s"] > m["first_s"]]
+    per_chat = [n / m["end_s"] for n, m in zip(counted, messages)]
     return {
         "aggregate_tokens_per_s": sum(counted) / max(m["end_s"] for m in messages),
         "per_chat_tokens_per_s": statistics.median(per_chat),
@@ -287,7 +292,7 @@ def _models(quick: bool) -> list[tuple[str, Path | None]]:
 
 def run(quick: bool = False) -> tuple[Figures, list[Row]]:
     rounds = 1 if quick else 3
-    figures: Figures = {"tokens": 16 if quick else TOKENS, "n_ctx": N_CTX}
+    figures: Figures = {"tokens": 16 if quick else TOKENS, "n_ctx": N_CTX, "threads": THREADS}
     rows: list[Row] = []
     for label, model in _models(quick):
         progress(f"{NAME}: {label} ({model.name if model else 'built-in model'}), {rounds} rounds")
@@ -323,3 +328,24 @@ def _rows(label: str, s: dict[str, Any], quick: bool) -> list[Row]:
             f"worker RSS {s['worker_rss_mib']:.0f} MiB at --concurrency 8", "of 200% (2 cores)", None),
     ]
     return rows
+
+
+def main() -> None:
+    """`python -m bench.batched [--threads N] [--quick]`: this benchmark alone, its table and JSON."""
+    global THREADS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--threads", type=int, default=None, help="the workers' --n-threads")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    THREADS = args.threads
+    figures, rows = run(args.quick)
+    for row in rows:
+        print(f"{row.measure:48} {row.value:>28}   {row.compared}")
+    print(json.dumps({k: v for k, v in figures.items() if k not in ("Q4_1", "Q4_0", "builtin")}))
+    for label in ("Q4_1", "Q4_0", "builtin"):
+        if label in figures:
+            print(json.dumps({label: {k: v for k, v in figures[label].items() if k != "rounds"}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -207,7 +207,7 @@ class BatchedLlamaEngine:
         top_k: int = 40,
         top_p: float = 0.95,
         min_p: float = 0.05,
-        prefill_chunk: int = 128,
+        prefill_chunk: int = 64,
         max_backlog: int = 256,
         handoff_window_s: float = coalesce.WINDOW_S,
     ) -> None:
