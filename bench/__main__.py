@@ -33,6 +33,7 @@ import bench.pubsub_cost as pubsub_cost
 import bench.relay_overhead as relay_overhead
 import bench.throughput as throughput
 from bench.cluster import REPO, Figures, Row, progress
+from protocol.logconfig import configure_logging
 
 Benchmark = Callable[[bool], tuple[Figures, list[Row]]]
 BENCHMARKS: dict[str, Benchmark] = {
@@ -92,6 +93,7 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    configure_logging("warning", process="bench")  # engines run in this process too (batched)
     signal.signal(signal.SIGTERM, _terminate)
     names = args.names or list(BENCHMARKS)
     figures: dict[str, Figures] = {}

@@ -2,7 +2,9 @@
 
 For each model file (SmolLM2-135M-Instruct as shipped, Q4_1, and its Q4_0 copy), in rounds,
 on one gateway:
-- baseline: a worker at `--batched --concurrency 1` answers chats one at a time;
+- the engine alone, in the benchmark's process: n chats decoded together, no relay;
+- baseline: a worker at `--batched --concurrency 1` answers chats one at a time (before and
+  after the next one);
 - the same worker at `--concurrency 8`: 1, 2, 4 and 8 chats sent at once (relay clients, one
   connection each). Aggregate tokens/s = all their tokens / (last terminal − send); per chat =
   a chat's tokens / (its terminal − its send); time to first chunk from its send;
@@ -32,6 +34,7 @@ from typing import Any
 
 from bench.cluster import ClientProc, Cluster, CpuMeter, Figures, Row, Server, progress, rss_kib
 from bench.stats import percentiles
+from protocol.logconfig import configure_logging
 
 NAME = "batched"
 GOALS = {"Q4_1": 1.5, "Q4_0": 2.3}
@@ -191,6 +194,34 @@ async def _cancelled_lines(worker: Server, count: int, timeout_s: float = 10.0) 
         await asyncio.sleep(0.05)
 
 
+async def _direct(model: Path | None, chats: tuple[int, ...], tokens: int) -> dict[int, float]:
+    """The engine alone, in this process (no worker running meanwhile): aggregate tokens/s of
+    n chats decoded together, from their start to the last one's end, for each n."""
+    from worker.cancel_token import CancelToken
+    from worker.engines.base import GenerationRequest
+    from worker.engines.batched import BatchedLlamaEngine
+
+    engine = BatchedLlamaEngine(model, n_seq=max(chats), n_ctx=N_CTX, n_threads=THREADS)
+    await engine.start()
+
+    async def one(mid: str, text: str) -> int:
+        async for _ in engine.generate(GenerationRequest(mid, text, tokens), CancelToken()):
+            pass
+        stats = engine.sequence_stats(mid)
+        return stats.generated_tokens if stats else 0
+
+    rates: dict[int, float] = {}
+    try:
+        await one("warm-up", _prompt(0))
+        for n in chats:
+            begun = time.perf_counter()
+            counts = await asyncio.gather(*(one(f"direct-{n}-{i}", _prompt(i)) for i in range(n)))
+            rates[n] = sum(counts) / (time.perf_counter() - begun)
+    finally:
+        await engine.close()
+    return rates
+
+
 async def _alone(cluster: Cluster, relays: list[ClientProc], model: Path | None, count: _Counter, tokens: int,
                  runs: int) -> list[dict[str, Any]]:
     """Chats one at a time on a `--concurrency 1` worker."""
@@ -205,7 +236,7 @@ async def _round(cluster: Cluster, port: int, relays: list[ClientProc], model: P
                  quick: bool, chats: tuple[int, ...], tokens: int, alone_runs: int) -> dict[str, Any]:
     """The `--concurrency 1` worker before and after the `--concurrency 8` one (its baseline is
     their median), so that a change in the machine's load between them weighs on both."""
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"direct": await _direct(model, chats, tokens)}
     alone = await _alone(cluster, relays, model, count, tokens, alone_runs)
     worker = await _start_worker(cluster, model, 8)
     await _chats(relays, 1, 8)
@@ -261,6 +292,8 @@ def _summary(results: list[dict[str, Any]], chats: tuple[int, ...]) -> dict[str,
     summary: dict[str, Any] = {"rounds": results, "alone_tokens_per_s": alone,
                                "alone_first_chunk_ms": med([r["alone_first_chunk_ms"] for r in results])}
     for n in chats:
+        summary[f"direct_{n}"] = med([r["direct"][n] for r in results])
+        summary[f"direct_speedup_{n}"] = med([r["direct"][n] / r["direct"][1] for r in results])
         summary[f"aggregate_{n}"] = med([r[f"chats_{n}"]["aggregate_tokens_per_s"] for r in results])
         summary[f"per_chat_{n}"] = med([r[f"chats_{n}"]["per_chat_tokens_per_s"] for r in results])
         summary[f"speedup_{n}"] = med([r[f"chats_{n}"]["aggregate_tokens_per_s"] / r["alone_tokens_per_s"]
@@ -312,7 +345,8 @@ def _rows(label: str, s: dict[str, Any], quick: bool) -> list[Row]:
         met = s[f"speedup_{n}"] >= goal if goal is not None and n == top == 8 else None
         rows.append(Row(NAME, f"{label}: {n} chats at once on --concurrency 8",
                         f"{s[f'aggregate_{n}']:.0f} tok/s ({s[f'speedup_{n}']:.2f}×)",
-                        f"{s[f'per_chat_{n}']:.0f} tok/s per chat, first chunk {s[f'first_chunk_{n}_ms']:.0f} ms",
+                        f"{s[f'per_chat_{n}']:.0f} tok/s per chat, first chunk {s[f'first_chunk_{n}_ms']:.0f} ms; "
+                        f"engine alone {s[f'direct_{n}']:.0f} tok/s ({s[f'direct_speedup_{n}']:.2f}×)",
                         f"≥ {goal}×" if met is not None else "", met))
     rows += [
         Row(NAME, f"{label}: ~1,000-token prompt joins 7 chats",
@@ -337,6 +371,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="the workers' --n-threads")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    configure_logging("warning", process="bench")
     THREADS = args.threads
     figures, rows = run(args.quick)
     for row in rows:
