@@ -40,7 +40,7 @@ NAME = "batched"
 GOALS = {"Q4_1": 1.5, "Q4_0": 2.3}
 """Aggregate tokens/s at 8 chats over one chat alone (issue 18)."""
 CHATS = (1, 2, 4, 8)
-TOKENS = 128
+TOKENS = 200
 N_CTX = 1024
 """Tokens per sequence (`--n-ctx`); the context holds 8 times that."""
 TOPICS = ("the sea", "a dragon", "a lighthouse", "the moon", "a forest", "a clockmaker", "a river", "a mountain")

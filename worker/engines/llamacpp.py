@@ -70,11 +70,13 @@ class DecodeError(LlamaCppError):
         self.code = code
 
 
-def default_threads() -> int:
-    """Half the logical CPUs, as llama-cpp-python's `Llama` does: the physical cores on an SMT
-    machine, and on a small one a core left to the event loop that relays the tokens. ggml's
-    threads wait for each other at every step, so one of them preempted stalls them all."""
-    return max(1, (os.cpu_count() or 2) // 2)
+def default_threads() -> tuple[int, int]:
+    """(threads for a one-token batch, threads for larger ones), as llama-cpp-python's `Llama`
+    chooses them: half the logical CPUs, and all of them. Decoding one sequence's token is too
+    little work to share out (on this 2-core machine one thread did it faster than two); a
+    batch of several sequences' tokens, or of prompt tokens, is not."""
+    cpus = os.cpu_count() or 2
+    return max(1, cpus // 2), cpus
 
 
 def route_logs() -> None:
@@ -182,12 +184,13 @@ class Context:
         n_batch: int,
         n_threads: int | None = None,
     ) -> None:
+        """`n_threads`: for every batch; None: `default_threads()`."""
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx_seq * n_seq
         params.n_seq_max = n_seq
         params.n_batch = n_batch
         params.n_ubatch = n_batch
-        params.n_threads = params.n_threads_batch = n_threads or default_threads()
+        params.n_threads, params.n_threads_batch = (n_threads, n_threads) if n_threads else default_threads()
         params.no_perf = True
         _set_if_present(params, "kv_unified", False)
         # CPU flash attention gives a sequence slightly different logits depending on what else
