@@ -72,7 +72,7 @@ def stats(engine: BatchedLlamaEngine, mid: str) -> SequenceStats:
 
 def prefills_of(steps: Sequence[Step], mid: str) -> list[tuple[int, int]]:
     """(step index, prompt tokens) of every step that prefilled `mid`."""
-    return [(s.index, n) for s in steps for m, n in s.prefilled if m == mid]
+    return [(s.index, n) for s in list(steps) for m, n in s.prefilled if m == mid]  # a copy: the thread appends
 
 
 async def until(condition: Any) -> None:

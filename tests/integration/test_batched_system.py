@@ -19,7 +19,7 @@ async def test_three_chats_share_one_engine_and_a_stop_ends_only_its_own(redis_u
         first = [await c.chat(f"first-{i}", text, max_tokens=1000) for i, text in enumerate(PROMPTS)]
         for mid in first:
             assert (await c.terminal(mid, timeout=60))["type"] == "done"
-        assert max(len(step.decoded) for step in engine.steps) == 3  # decoded together
+        assert max(len(step.decoded) for step in list(engine.steps)) == 3  # decoded together
 
         second = [await c.chat(f"second-{i}", text, max_tokens=1000) for i, text in enumerate(PROMPTS)]
         stopped = second[1]

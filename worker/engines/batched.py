@@ -234,7 +234,8 @@ class BatchedLlamaEngine:
         self._closing = False
         self._failure: Exception | None = None
         self.steps: deque[Step] = deque(maxlen=_RECENT)
-        """The latest steps, oldest first."""
+        """The latest steps, oldest first; the thread appends while it runs, so read a copy
+        (`list(engine.steps)`)."""
         self.step_count = 0
         self._recent: OrderedDict[str, SequenceStats] = OrderedDict()
 
