@@ -1,8 +1,9 @@
-"""`python -m bench [NAME ...] [--quick] [--json PATH]`: run the benchmarks, print one table.
+"""`python -m bench [NAME ...] [--quick] [--json PATH] [--minutes N]`: run the benchmarks, print one table.
 
-NAME is one or more of relay_overhead, cancel_latency, throughput, idle_memory, pubsub_cost, job_memory, batched (default: all,
-what `make bench` runs). `--quick` uses tiny sizes (the smoke test); `--json PATH` writes every
-figure. Each benchmark starts its own Redis, gateways and workers as processes, runs its
+NAME is one or more of relay_overhead, cancel_latency, throughput, idle_memory, pubsub_cost, job_memory,
+cluster_clients, cluster_pubsub, cluster_compare, chaos, openai_edge, batched (default: all, what
+`make bench` runs); `soak` runs only when named (`--minutes N`, default 30). `--quick` uses tiny sizes (the smoke test); `--json PATH` writes
+every figure. Each benchmark starts its own Redis, gateways and workers as processes, runs its
 clients in separate processes, and stops them all when it ends, fails or is interrupted.
 Exit status: 0 when every benchmark ran (goals missed are reported, not failures), 1 when one
 could not run, 130 on Ctrl-C.
@@ -27,10 +28,16 @@ from rich.table import Table
 
 import bench.batched as batched
 import bench.cancel_latency as cancel_latency
+import bench.cluster_clients as cluster_clients
+import bench.cluster_compare as cluster_compare
+import bench.cluster_pubsub as cluster_pubsub
+import bench.chaos as chaos
 import bench.idle_memory as idle_memory
 import bench.job_memory as job_memory
+import bench.openai_edge as openai_edge
 import bench.pubsub_cost as pubsub_cost
 import bench.relay_overhead as relay_overhead
+import bench.soak as soak
 import bench.throughput as throughput
 from bench.cluster import REPO, Figures, Row, progress
 from protocol.logconfig import configure_logging
@@ -43,19 +50,30 @@ BENCHMARKS: dict[str, Benchmark] = {
     idle_memory.NAME: idle_memory.run,
     pubsub_cost.NAME: pubsub_cost.run,
     job_memory.NAME: job_memory.run,
+    cluster_clients.NAME: cluster_clients.run,
+    cluster_pubsub.NAME: cluster_pubsub.run,
+    cluster_compare.NAME: cluster_compare.run,
+    chaos.NAME: chaos.run,
+    openai_edge.NAME: openai_edge.run,
     batched.NAME: batched.run,
 }
+OPT_IN: dict[str, Callable[[argparse.Namespace], tuple[Figures, list[Row]]]] = {
+    soak.NAME: lambda args: soak.run(args.quick, args.minutes),
+}
+"""Benchmarks that run only when named (long, or with options of their own)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("names", nargs="*", metavar="NAME", help=f"one of: {', '.join(BENCHMARKS)} (default: all)")
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"one of: {', '.join([*BENCHMARKS, *OPT_IN])} (default: all but {', '.join(OPT_IN)})")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write every figure to PATH")
+    parser.add_argument("--minutes", type=float, default=30.0, help="soak: how long the load runs (default 30)")
     args = parser.parse_args(argv)
-    unknown = [n for n in args.names if n not in BENCHMARKS]
+    unknown = [n for n in args.names if n not in BENCHMARKS and n not in OPT_IN]
     if unknown:
-        parser.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+        parser.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join([*BENCHMARKS, *OPT_IN])}")
     return args
 
 
@@ -104,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             begun = time.monotonic()
             try:
-                result, bench_rows = BENCHMARKS[name](args.quick)
+                result, bench_rows = OPT_IN[name](args) if name in OPT_IN else BENCHMARKS[name](args.quick)
             except Exception as exc:  # one broken benchmark does not hide the others
                 traceback.print_exc()
                 errors[name] = f"{type(exc).__name__}: {exc}"

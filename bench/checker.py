@@ -10,7 +10,8 @@ What `Checker` enforces, per PROTOCOL.md:
   (which exists: it was accepted) never answers `not_found`;
 - a message with no terminal within the timeout (`expire`) is a violation.
 
-Each breach is one human-readable string in `Checker.violations`. Events that are legal but
+Each breach is one human-readable string in `Checker.violations`, and counted by kind in
+`Checker.kinds` (`gap`, `duplicate`, `missing_terminal`, `second_terminal`, ...). Events that are legal but
 worth a look (a cancel answered `cancelling` whose message then ended `done`: the signal
 raced the last token) are counted in `Checker.anomalies`.
 """
@@ -48,6 +49,7 @@ class Checker:
     def __init__(self) -> None:
         self.messages: dict[str, MessageTrack] = {}
         self.violations: list[str] = []
+        self.kinds: Counter[str] = Counter()
         self.anomalies: Counter[str] = Counter()
         self.anomaly_ids: dict[str, list[str]] = {}
 
@@ -55,14 +57,15 @@ class Checker:
         self.anomalies[kind] += 1
         self.anomaly_ids.setdefault(kind, []).append(message_id)
 
-    def violation(self, text: str) -> None:
+    def violation(self, text: str, kind: str = "other") -> None:
         self.violations.append(text)
+        self.kinds[kind] += 1
 
     # --- message lifecycle --------------------------------------------------------------
 
     def accepted(self, message_id: str) -> MessageTrack:
         if message_id in self.messages:
-            self.violation(f"{message_id}: accepted twice (message ids must be unique)")
+            self.violation(f"{message_id}: accepted twice (message ids must be unique)", "accepted_twice")
             return self.messages[message_id]
         track = MessageTrack(message_id)
         self.messages[message_id] = track
@@ -75,7 +78,7 @@ class Checker:
         mid: str = frame["message_id"]
         track = self.messages.get(mid)
         if track is None:
-            self.violation(f"{mid}: {frame['type']} for a message never accepted on this client")
+            self.violation(f"{mid}: {frame['type']} for a message never accepted on this client", "unknown_message")
             track = self.accepted(mid)
         if frame["type"] == "chunk":
             self._chunk(track, frame)
@@ -87,16 +90,16 @@ class Checker:
         seq = frame.get("seq")
         mid = track.message_id
         if track.terminal is not None:
-            self.violation(f"{mid}: chunk seq={seq} after terminal {track.terminal}")
+            self.violation(f"{mid}: chunk seq={seq} after terminal {track.terminal}", "after_terminal")
             return
         if not isinstance(seq, int):
             self.violation(f"{mid}: chunk without an integer seq: {frame!r}")
             return
         if seq <= track.last_seq:
-            self.violation(f"{mid}: duplicate chunk seq={seq} (last held {track.last_seq})")
+            self.violation(f"{mid}: duplicate chunk seq={seq} (last held {track.last_seq})", "duplicate")
             return
         if seq != track.last_seq + 1:
-            self.violation(f"{mid}: gap: chunk seq={seq} after seq={track.last_seq}")
+            self.violation(f"{mid}: gap: chunk seq={seq} after seq={track.last_seq}", "gap")
         track.last_seq = seq
         track.chunks += 1
         text = frame.get("text")
@@ -105,13 +108,14 @@ class Checker:
     def _terminal(self, track: MessageTrack, frame: Frame) -> None:
         kind, seq, mid = frame["type"], frame.get("seq"), track.message_id
         if track.terminal is not None:
-            self.violation(f"{mid}: terminal {kind} (seq={seq}) after terminal {track.terminal}")
+            self.violation(f"{mid}: terminal {kind} (seq={seq}) after terminal {track.terminal}", "second_terminal")
             return
         track.terminal = kind
         if kind == "error" and seq is None:
             return
         if seq != track.last_seq:
-            self.violation(f"{mid}: terminal {kind} seq={seq} but the last chunk held is seq={track.last_seq}")
+            self.violation(f"{mid}: terminal {kind} seq={seq} but the last chunk held is seq={track.last_seq}",
+                           "terminal_seq")
         if kind == "done" and track.cancel_status == "cancelling":
             self.anomaly("cancelling_then_done", mid)
 
@@ -124,7 +128,8 @@ class Checker:
     def expire(self, message_id: str, why: str) -> None:
         track = self.messages.get(message_id)
         if track is not None and track.terminal is None:
-            self.violation(f"{message_id}: no terminal event ({why}); last chunk held seq={track.last_seq}")
+            self.violation(f"{message_id}: no terminal event ({why}); last chunk held seq={track.last_seq}",
+                           "missing_terminal")
             track.terminal = "missing"
 
     # --- cancels ------------------------------------------------------------------------
@@ -134,13 +139,13 @@ class Checker:
         status = frame.get("status")
         mid = frame.get("message_id") if isinstance(frame.get("message_id"), str) else target
         if status not in CANCEL_STATUSES:
-            self.violation(f"{mid}: cancel_result with unknown status {status!r}")
+            self.violation(f"{mid}: cancel_result with unknown status {status!r}", "cancel_status")
             return
         track = self.messages.get(mid) if mid is not None else None
         if track is None:
             return
         if status == "not_found":
-            self.violation(f"{mid}: cancel of our accepted message answered not_found")
+            self.violation(f"{mid}: cancel of our accepted message answered not_found", "cancel_status")
         track.cancel_status = str(status)
         if status == "cancelling" and track.terminal == "done":
             self.anomaly("cancelling_then_done", track.message_id)

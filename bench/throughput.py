@@ -63,13 +63,14 @@ def _per_token(cpu_percent: dict[str, float], tokens_per_s: float) -> dict[str, 
     return {g: round(pct / 100 / tokens_per_s * 1e6, 1) if tokens_per_s else 0.0 for g, pct in groups.items()}
 
 
-async def _measure(quick: bool) -> dict[str, Any]:
+async def _measure(quick: bool, gateway_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`gateway_args`: extra flags of the gateway (`bench.limits_cost` turns limits off)."""
     steps = QUICK_STEPS if quick else STEPS
     settle_s, measure_s, budget_s = (1.0, 2.0, 60.0) if quick else (3.0, 8.0, 150.0)
     results: list[dict[str, Any]] = []
     started = time.monotonic()
     async with Cluster(NAME) as cluster:
-        gateway = cluster.add_gateway()
+        gateway = cluster.add_gateway(*gateway_args)
         for _ in range(2):
             cluster.add_worker("--engine", "synthetic", "--synthetic-rate", str(RATE),
                                "--concurrency", str(max(steps) // 2 + 100))

@@ -1,6 +1,7 @@
 """A small terminal client of the gateway (PROTOCOL.md).
 
-    python -m clients.chat [--url ws://127.0.0.1:8000/ws] [--user NAME] [--token TOKEN]
+    python -m clients.chat [--url ws://127.0.0.1:8000/ws] [--user NAME]
+                           [--token TOKEN | --token-file PATH | --secret-file PATH]
                            [--session ID] [--max-tokens N] [TEXT]
 
 With TEXT: one chat, the answer streamed to stdout; exit 0 on `done`, 130 when cancelled
@@ -11,6 +12,12 @@ session; Ctrl-C stops the answer that is streaming, Ctrl-C at the prompt exits. 
 A dropped connection is not a Stop: the client reconnects with backoff and resumes the
 answer after the last chunk it printed (or re-sends the chat with the same request_id when
 it was not accepted yet; the gateway deduplicates it).
+
+Tokens expire: the gateway closes the connection with 4001, and the client reconnects with
+a new token and resumes. It mints one itself when it has the auth secret (`--secret-file`
+or TOKENRELAY_AUTH_SECRET, with `--user`), or reads `--token-file` again (keep the file
+fresh, e.g. from cron with `python -m gateway token`). With a bare `--token` it stops and
+says so.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable
@@ -32,6 +40,8 @@ import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from protocol.auth import DEFAULT_TTL_S, mint_token
+from protocol.errors import AuthError
 from protocol.messages import (
     Auth,
     Cancel,
@@ -51,6 +61,8 @@ EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
 PROMPT = "> "
 RECONNECT_ATTEMPTS = 8
 CLOSE_POLICY = 1008
+CLOSE_TOKEN_EXPIRED = 4001
+SECRET_ENV = "TOKENRELAY_AUTH_SECRET"
 
 # Internal events share the queue with the server's frames; their types start with "_".
 SIGINT_EVENT: Event = {"type": "_sigint"}
@@ -74,11 +86,53 @@ def out(text: str) -> None:
     sys.stdout.flush()
 
 
+class Credentials:
+    """What the client authenticates with, and how it gets a new token after 4001: minted
+    with the secret, read again from the token file, or none (a bare token: `Fatal`)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.user: str | None = args.user
+        self.secret: str | None = read_secret(args.secret_file)
+        self.token_file: str | None = args.token_file
+        self.ttl_s: int = args.token_ttl
+        self.token: str | None = args.token
+        if self.token_file is not None or self.token is None:
+            self.renew()
+
+    def renew(self) -> None:
+        """A token from the token file, else one minted with the secret (if either)."""
+        if self.token_file is not None:
+            try:
+                with open(self.token_file, encoding="utf-8") as file:
+                    self.token = file.read().strip()
+            except OSError as exc:
+                raise Fatal(f"cannot read the token file {self.token_file}: {exc.strerror}") from None
+        elif self.secret is not None and self.user is not None:
+            try:
+                self.token = mint_token(self.secret, self.user, time.time(), self.ttl_s)
+            except AuthError as exc:
+                raise Fatal(str(exc)) from None
+
+    def expired(self) -> None:
+        """The gateway closed the connection with 4001: get a new token, or give up."""
+        if self.token_file is None and (self.secret is None or self.user is None):
+            raise Fatal(f"the token expired; pass --token-file PATH (read again on expiry) or give the secret "
+                        f"(--secret-file or {SECRET_ENV}) and --user so the client can mint a new one")
+        self.renew()
+
+    def auth(self) -> Auth | None:
+        """The `auth` message: the token, with the user name too (a gateway without a
+        secret takes the name and ignores the token)."""
+        if self.token or self.user:
+            return Auth(token=self.token or None, user=self.user)
+        return None
+
+
 class ChatClient:
     def __init__(self, args: argparse.Namespace) -> None:
         self.url: str = args.url
-        self.user: str | None = args.user
-        self.token: str | None = args.token
+        self.credentials = Credentials(args)
+        self.token_expired = False
         self.session: str = args.session
         self.max_tokens: int | None = args.max_tokens
         self.events: asyncio.Queue[Event] = asyncio.Queue()
@@ -118,7 +172,10 @@ class ChatClient:
             ws = await connect(self.url, open_timeout=10, max_size=4 * 1024 * 1024)
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             raise ConnectionError(f"cannot connect to {self.url}: {exc}") from exc
-        auth = Auth(token=self.token) if self.token else Auth(user=self.user) if self.user else None
+        if self.token_expired:
+            self.credentials.expired()
+            self.token_expired = False
+        auth = self.credentials.auth()
         if auth is not None:
             try:
                 await ws.send(encode_text(auth))
@@ -149,6 +206,9 @@ class ChatClient:
                 self.events.put_nowait(frame)
         except ConnectionClosed:
             pass
+        if ws.close_code == CLOSE_TOKEN_EXPIRED:
+            err("[the token expired; reconnecting with a new one]")
+            self.token_expired = True
         self.events.put_nowait(
             {"type": "_closed", "conn": conn_no, "code": ws.close_code, "reason": ws.close_reason}
         )
@@ -423,6 +483,17 @@ def start_stdin_reader(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[Ev
     threading.Thread(target=read, name="stdin", daemon=True).start()
 
 
+def read_secret(path: str | None) -> str | None:
+    """The auth secret from a file, else from the environment (never from a command line)."""
+    if path is None:
+        return os.environ.get(SECRET_ENV) or None
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read().strip() or None
+    except OSError as exc:
+        raise Fatal(f"cannot read the secret file {path}: {exc.strerror}") from None
+
+
 def positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -434,7 +505,14 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m clients.chat", description="chat with a tokenrelay gateway")
     p.add_argument("--url", default=os.environ.get("TOKENRELAY_URL", "ws://127.0.0.1:8000/ws"))
     p.add_argument("--user", help="user name (development mode, no auth secret)")
-    p.add_argument("--token", default=os.environ.get("TOKENRELAY_TOKEN"), help="a token from `python -m gateway token`")
+    tokens = p.add_mutually_exclusive_group()
+    tokens.add_argument("--token", default=os.environ.get("TOKENRELAY_TOKEN"),
+                        help="a token from `python -m gateway token` (once it expires the client stops)")
+    tokens.add_argument("--token-file", metavar="PATH", help="read the token from this file, again after it expires")
+    tokens.add_argument("--secret-file", metavar="PATH",
+                        help=f"the auth secret (default: ${SECRET_ENV}): mint tokens for --user, "
+                        "new ones as they expire")
+    p.add_argument("--token-ttl", type=positive_int, default=DEFAULT_TTL_S, help="lifetime of minted tokens, seconds")
     p.add_argument("--session", default=f"cli-{uuid.uuid4().hex[:8]}", help="session id (default: a random one)")
     p.add_argument("--max-tokens", type=positive_int, help="answer length limit (default: the gateway's)")
     p.add_argument("text", nargs="*", help="send this one message and exit (default: a prompt loop)")
@@ -446,8 +524,13 @@ def main(argv: list[str] | None = None) -> int:
     text = " ".join(args.text).strip() or None
     if args.text and text is None:
         parser().error("TEXT is empty")
+    if args.secret_file and not args.user:
+        parser().error("--secret-file needs --user (the user to mint tokens for)")
     try:
         return uvloop.run(ChatClient(args).run(text))
+    except Fatal as exc:
+        err(f"error: {exc}")
+        return EXIT_ERROR
     except InvalidURI as exc:
         err(f"error: {exc}")
         return EXIT_ERROR

@@ -31,6 +31,7 @@ import redis.exceptions
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from store import keys
 from store.embedded import default_redis_url
@@ -41,6 +42,12 @@ STALE_AFTER_S = 2 * BEAT_INTERVAL_S
 COUNTERS = ("tokenrelay_gateway_cancels_total", "tokenrelay_gateway_errors_total")
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()}
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:@/\s]*):(?P<password>[^@\s]*)@")
+
+
+def redact(text: str) -> str:
+    """`text` with the password of every URL in it replaced by `***` (the user name stays)."""
+    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
 
 
 @dataclass(slots=True)
@@ -124,21 +131,19 @@ async def read_instances(r: aioredis.Redis, now: float) -> list[Instance]:
 
 
 async def read_jobs(r: aioredis.Redis) -> tuple[int, int, int, int]:
-    """(stream length, pending in the workers' group, backlog, dead letters)."""
-    async with r.pipeline(transaction=False) as pipe:
-        pipe.xlen(keys.JOBS_STREAM)
-        pipe.zcard(keys.BACKLOG)
-        pipe.xlen(keys.DEAD_STREAM)
-        length, queued, dead = await pipe.execute()
-    pending = 0
-    try:
-        groups: list[dict[str, Any]] = await r.xinfo_groups(keys.JOBS_STREAM)
-    except redis.exceptions.ResponseError:
-        groups = []  # no stream yet
-    for group in groups:
-        if group.get("name") == keys.WORKER_GROUP:
-            pending = int(group.get("pending", 0))
-    return int(length), pending, int(queued), int(dead)
+    """(length of the job streams, entries pending in the workers' groups, backlog, dead
+    letters), summed over the deployment's shards."""
+    keyspace = keys.Keyspace(int(await r.hget(keys.CONFIG, "shards") or 1))
+    length = queued = pending = 0
+    for stream, backlog in zip(keyspace.job_streams(), keyspace.backlogs()):
+        length += int(await r.xlen(stream))
+        queued += int(await r.zcard(backlog))
+        try:
+            groups: list[dict[str, Any]] = await r.xinfo_groups(stream)
+        except redis.exceptions.ResponseError:
+            groups = []  # no stream yet
+        pending += sum(int(g.get("pending", 0)) for g in groups if g.get("name") == keys.WORKER_GROUP)
+    return length, pending, queued, int(await r.xlen(keys.DEAD_STREAM))
 
 
 def parse_counters(text: str) -> dict[str, dict[str, float]]:
@@ -233,13 +238,15 @@ def by_label(rates: dict[str, float] | None) -> str:
 
 
 def render(snap: Snapshot, redis_url: str) -> Group:
-    table = Table(title=f"tokenrelay instances ({redis_url})", expand=False)
+    """Strings from Redis go in as `Text`, never as Rich markup: an instance id like
+    `[red]...` is shown as it is."""
+    table = Table(title=Text(f"tokenrelay instances ({redact(redis_url)})"), expand=False)
     for column in ("kind", "id", "host", "pid", "port", "uptime", "last beat", "active", "streams / cap", "state"):
         table.add_column(column, justify="right" if column in ("pid", "port", "active") else "left")
     for i in snap.instances:
         extra = i.streams if i.kind == "gateway" else i.capacity
-        state = f"[red]STALE: {i.stale_reason}[/red]" if i.stale else "[green]ok[/green]"
-        table.add_row(i.kind, i.id, i.host, str(i.pid), str(i.port or ""), _age(i.uptime_s),
+        state = Text(f"STALE: {i.stale_reason}", style="red") if i.stale else Text("ok", style="green")
+        table.add_row(Text(i.kind), Text(i.id), Text(i.host), str(i.pid), str(i.port or ""), _age(i.uptime_s),
                       _age(i.last_beat_age_s), str(i.active), "" if extra is None else str(extra), state)
     rates = snap.rates
 
@@ -252,10 +259,10 @@ def render(snap: Snapshot, redis_url: str) -> Group:
     jobs.add_row("backlog (queued, not claimed)", str(snap.backlog))
     jobs.add_row("pending (claimed, not acked)", str(snap.pending))
     jobs.add_row("dead letters", f"[red]{snap.dead_letters}[/red]" if snap.dead_letters else "0")
-    jobs.add_row("cancels", rate("cancels_per_s") + by_label(rates.get("cancels_by_status")))
-    jobs.add_row("errors", rate("errors_per_s") + by_label(rates.get("errors_by_code")))
+    jobs.add_row("cancels", Text(rate("cancels_per_s") + by_label(rates.get("cancels_by_status"))))
+    jobs.add_row("errors", Text(rate("errors_per_s") + by_label(rates.get("errors_by_code"))))
     if rates.get("unreachable"):
-        jobs.add_row("metrics unreachable", ", ".join(rates["unreachable"]))
+        jobs.add_row("metrics unreachable", Text(", ".join(rates["unreachable"])))
     return Group(table, jobs)
 
 
@@ -280,10 +287,10 @@ async def run(args: argparse.Namespace) -> int:
                 try:
                     live.update(render(await monitor.snapshot(), args.redis_url))
                 except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                    live.update(f"[red]Redis unreachable at {args.redis_url}: {exc}[/red]")
+                    live.update(Text(redact(f"Redis unreachable at {args.redis_url}: {exc}"), style="red"))
                 await asyncio.sleep(args.interval)
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        print(f"tokenrelay-monitor: Redis unreachable at {args.redis_url}: {exc}", file=sys.stderr)
+        print(redact(f"tokenrelay-monitor: Redis unreachable at {args.redis_url}: {exc}"), file=sys.stderr)
         return 2
     finally:
         await r.aclose()

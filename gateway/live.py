@@ -16,12 +16,15 @@ from typing import Protocol
 
 import msgspec
 import structlog
+from redis.exceptions import ResponseError
 
 from protocol.messages import Error, encode_text
 from protocol.relay import SeqTracker, Verdict
 from store import Unavailable, keys
-from store.redis_store import Store
+from store.redis_store import LOG_PAGE, Store
+from store.cluster_subscriber import ClusterSubscriber
 from store.subscriber import Subscriber
+from store.topology import Topology
 from store.retry import Backoff
 from store.tasks import Supervisor
 from gateway import metrics
@@ -37,16 +40,28 @@ class Envelope(msgspec.Struct):
 
 
 _envelope = msgspec.json.Decoder(Envelope)
+RESTART_S = 0.5
+"""Pause before a failed relay runs again (it re-reads the log from where it was)."""
 TERMINAL_TYPES = frozenset({"done", "cancelled", "error"})
-_LIVE_PREFIX_LEN = len(keys.LIVE_PREFIX)
+_RESYNCS = {
+    cause: metrics.RESYNCS.labels(cause) for cause in ("start", "gap", "overflow", "idle", "reconnect")
+}
 
 
 class LiveHub:
-    def __init__(self, redis_url: str, idle_resync_s: float = 2.0, confirm_timeout_s: float = 2.0) -> None:
-        self._url = redis_url
+    def __init__(
+        self,
+        topology: Topology,
+        idle_resync_s: float = 2.0,
+        confirm_timeout_s: float = 2.0,
+        replay_page: int = LOG_PAGE,
+    ) -> None:
+        self._topology = topology
+        self.replay_page = replay_page
+        """Log entries a relay reads at once when it replays."""
         self.confirm_timeout_s = confirm_timeout_s
         self._watchers: dict[str, set[Relay]] = {}
-        self._subscriber: Subscriber | None = None
+        self._subscriber: Subscriber | ClusterSubscriber | None = None
         self._tasks = Supervisor()
         self.idle_resync_s = idle_resync_s
 
@@ -91,14 +106,21 @@ class LiveHub:
             for watchers in list(self._watchers.values()):
                 for relay in watchers:
                     if relay.last_heard < quiet_since:
-                        relay.resync()
+                        relay.resync("idle")
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
-        watchers = self._watchers.get(channel[_LIVE_PREFIX_LEN:].decode())
+        watchers = self._watchers.get(keys.message_of_live_channel(channel))
         if not watchers:
             return
         for relay in list(watchers):
             relay.push(data)
+
+    def _on_resubscribed(self, channels: list[str]) -> None:
+        """A cluster node was lost or a slot moved: these channels are subscribed again, and
+        what was published meanwhile is in the logs."""
+        for channel in channels:
+            for relay in list(self._watchers.get(keys.message_of_live_channel(channel.encode()), ())):
+                relay.resync("reconnect")
 
     async def _maintain(self) -> None:
         """Keep one subscriber connected. After each (re)connect: subscribe every watched
@@ -107,7 +129,7 @@ class LiveHub:
         backoff = Backoff()
         while True:
             try:
-                subscriber = await Subscriber.open(self._url, self._on_message)
+                subscriber = await self._topology.subscriber(self._on_message, self._on_resubscribed)
             except Unavailable as exc:
                 delay = await backoff.wait()
                 log.warning("live_hub_retry", error=str(exc), backoff_s=round(delay, 3))
@@ -122,7 +144,7 @@ class LiveHub:
                     backoff.reset()
                     for watchers in list(self._watchers.values()):
                         for relay in watchers:
-                            relay.resync()
+                            relay.resync("reconnect")
                 error = await subscriber.closed
             finally:
                 subscriber.close()
@@ -142,7 +164,15 @@ TerminalGate = Callable[[str], "asyncio.Event | None"]
 
 
 class Relay:
-    """Delivers one message's frames to one connection: replay from the log, then live."""
+    """Delivers one message's frames to one connection: replay from the log, then live.
+
+    The log is the truth. Whatever leaves a relay unsure that it holds every frame (it just
+    attached, a push skipped a seq, its inbox overflowed behind a slow client, it heard
+    nothing for a while, the pub/sub connection came back) only asks for a re-read from the
+    relay's position; a replay under way goes on to the log's end and another follows it.
+    Only the log can end a stream early: an entry missing right after the relay's position
+    (trimmed), or a message that no longer exists.
+    """
 
     def __init__(
         self,
@@ -164,6 +194,7 @@ class Relay:
         self._max_inbox = max_inbox
         self._wake = asyncio.Event()
         self._resync = True
+        _RESYNCS["start"].inc()
         self.last_heard = asyncio.get_running_loop().time()
 
     def push(self, frame: bytes) -> None:
@@ -173,7 +204,7 @@ class Relay:
         self.last_heard = asyncio.get_running_loop().time()
         if len(self._inbox) >= self._max_inbox:
             self._inbox.clear()
-            self._resync = True
+            self._ask_resync("overflow")
         else:
             self._inbox.append(frame)
         self._wake.set()
@@ -182,14 +213,38 @@ class Relay:
         """What this message's terminal frame must wait for, if anything."""
         return self._terminal_gate(self.message_id) if self._terminal_gate is not None else None
 
-    def resync(self) -> None:
-        self._resync = True
+    def resync(self, cause: str) -> None:
+        """Re-read the log (`cause`: idle or reconnect, counted in the resyncs metric)."""
+        self._ask_resync(cause)
         self.last_heard = asyncio.get_running_loop().time()
         self._wake.set()
+
+    def _ask_resync(self, cause: str) -> None:
+        self._resync = True
+        _RESYNCS[cause].inc()
 
     @property
     def finished(self) -> bool:
         return self.tracker.finished
+
+    async def run_until_end(self, outlet_errors: tuple[type[BaseException], ...]) -> None:
+        """`run` until the message's terminal is delivered: a run that fails (Redis
+        unavailable, or anything else) starts again after `RESTART_S` from the last seq it
+        delivered, so a stream never stalls on an error. `outlet_errors` (the client is
+        gone) end it at once, raised."""
+        while True:
+            try:
+                await self.run()
+                return
+            except outlet_errors:
+                raise
+            except Exception as exc:
+                if isinstance(exc, Unavailable):
+                    log.warning("relay_unavailable", message_id=self.message_id, error=str(exc))
+                else:
+                    log.exception("relay_failed", message_id=self.message_id)
+            await asyncio.sleep(RESTART_S)
+            self._ask_resync("start")
 
     async def run(self) -> None:
         await self.hub.watch(self)
@@ -199,37 +254,54 @@ class Relay:
                 if self._resync:
                     self._resync = False
                     self._inbox.clear()
-                    metrics.RESYNCS.inc()
                     await self._replay()
                     continue
                 if not self._inbox:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                await self._offer(self._inbox.popleft())
+                if await self._offer(self._inbox.popleft()) is Verdict.GAP:
+                    self._ask_resync("gap")
         finally:
             metrics.STREAMS.dec()
             await self.hub.unwatch(self)
 
     async def _replay(self) -> None:
-        frames = await self.store.read_log(self.message_id, self.tracker.last_seq)
-        for frame in frames:
-            await self._offer(frame)
-            if self._resync:
-                await self._end("the message's earlier chunks are no longer kept")
+        """Deliver the log from the relay's position to its end, a page at a time (frames
+        pushed meanwhile wait in the inbox, or ask for another replay)."""
+        page_size = self.hub.replay_page
+        first = True
+        while not self.tracker.finished:
+            try:
+                page = await self.store.read_log_page(self.message_id, self.tracker.last_seq, page_size)
+                gone = not page and first and await self.store.message_owner(self.message_id) is None
+            except ResponseError as exc:  # LOADING while an AOF loads, BUSY behind a slow script
+                raise Unavailable(f"redis refused a log read: {exc}") from exc
+            if gone:
+                await self._end("the message no longer exists")
+            if not page:
                 return
-        if not frames and await self.store.message_owner(self.message_id) is None:
-            await self._end("the message no longer exists")
+            for position, frame in page:
+                if position != self.tracker.last_seq + 1 or await self._offer(frame) is Verdict.GAP:
+                    await self._end("the message's earlier chunks are no longer kept")
+                    return
+                if self.tracker.finished:
+                    return
+            if len(page) < page_size:
+                return
+            first = False
 
     async def _end(self, why: str) -> None:
-        """The stream cannot continue (log trimmed or expired): say so, terminally."""
+        """The stream cannot continue (log trimmed or expired): say so, terminally, with
+        `not_found` at the last seq delivered."""
         frame = encode_text(
             Error(code="not_found", message=why, message_id=self.message_id, seq=self.tracker.last_seq)
         )
         self.tracker.finished = True
         await self._outlet.send(frame)
 
-    async def _offer(self, frame: bytes) -> None:
+    async def _offer(self, frame: bytes) -> Verdict:
+        """Send the frame if it is the next one; the tracker's verdict either way."""
         envelope = _envelope.decode(frame)
         terminal = envelope.type in TERMINAL_TYPES
         verdict = self.tracker.offer(envelope.seq, terminal)
@@ -237,5 +309,4 @@ class Relay:
             if terminal and (gate := self._gate()) is not None:
                 await gate.wait()
             await self._outlet.send(frame)
-        elif verdict is Verdict.GAP:
-            self._resync = True
+        return verdict

@@ -11,7 +11,7 @@ from prometheus_client.registry import Collector
 
 class LoopCounter(Collector):
     """A counter bumped for every frame, on the event loop only: a plain int. A `Counter`
-    takes a lock on each increment, which was 5% of a busy gateway's CPU."""
+    takes a lock on each increment, a visible share of a busy gateway's CPU (docs/PERFORMANCE.md)."""
 
     def __init__(self, name: str, documentation: str) -> None:
         self.name = name
@@ -46,5 +46,19 @@ PING_RTT = Histogram(
     "WebSocket ping round trip of client connections",
     buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
 )
+HTTP_REQUESTS = Counter(
+    "tokenrelay_gateway_http_requests_total", "Requests to the OpenAI-compatible HTTP edge, by route and status",
+    ["route", "status"],
+)
 CLOSED = Counter("tokenrelay_gateway_closed_total", "Connections closed, by reason", ["reason"])
-RESYNCS = Counter("tokenrelay_gateway_log_resyncs_total", "Relays that re-read the message log")
+RESYNCS = Counter(
+    "tokenrelay_gateway_log_resyncs_total",
+    "Log re-reads relays asked for, by cause: start (attach or resume), gap (a push skipped a seq), "
+    "overflow (inbox full behind a slow client), idle (nothing heard for a while), reconnect (pub/sub back)",
+    ["cause"],
+)
+REFUSED = Counter(
+    "tokenrelay_gateway_refusals_total",
+    "Handshakes, connections and requests refused by a limit of PROTOCOL.md's \"Security and limits\", by limit",
+    ["limit"],
+)

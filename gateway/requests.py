@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import TYPE_CHECKING
 
@@ -12,6 +11,7 @@ from gateway import metrics
 from protocol.jobs import Job
 from protocol.messages import Accepted, Cancel, CancelResult, CancelStatus, Chat, Resume
 from store import Unavailable
+from store.redis_store import Store
 
 if TYPE_CHECKING:
     from gateway.connection import Connection
@@ -19,27 +19,28 @@ if TYPE_CHECKING:
 log = structlog.get_logger("gateway.requests")
 
 SUPERSEDE_ATTEMPTS = 4
-
-
-def new_message_id() -> str:
-    """Time-ordered and unguessable: milliseconds in hex, then 64 random bits."""
-    return f"m{int(time.time() * 1000):011x}{os.urandom(8).hex()}"
+GENERATIONS_RETRY_MS = 1_000
+"""`retry_after_ms` of a chat refused for the user's concurrent generations: one of them
+has to end first, which no clock foretells."""
 
 
 async def chat(conn: Connection, message: Chat) -> None:
     gw = conn.gw
     job = Job(
-        message_id=new_message_id(),
+        message_id=gw.store.new_message_id(conn.user),
         user=conn.user,
         session_id=message.session_id,
         text=message.text,
         max_tokens=message.max_tokens or gw.config.default_max_tokens,
         request_id=message.request_id,
         created_ms=int(time.time() * 1000),
+        temperature=message.temperature,
+        seed=message.seed,
     )
     supersede = ""
+    limit = gw.config.quotas.generations_per_user
     for _attempt in range(SUPERSEDE_ATTEMPTS):
-        result = await gw.store.submit(job, supersede)
+        result = await gw.store.submit(job, supersede, limit)
         match result.outcome:
             case "ok" | "dup":
                 mid = result.message_id
@@ -51,8 +52,17 @@ async def chat(conn: Connection, message: Chat) -> None:
             case "busy":
                 supersede = result.message_id
                 status, worker = await gw.store.cancel(supersede, conn.user, "superseded")
-                await tell_worker(conn, worker, supersede)
+                await tell_worker(gw.store, worker, supersede)
                 log.info("chat_supersedes", message_id=supersede, session_id=job.session_id, status=status)
+            case "rate_limited":
+                conn.refused("generations")
+                await conn.error(
+                    "rate_limited",
+                    f"you have {limit} generations queued or running; wait for one to end",
+                    job.request_id,
+                    retry_after_ms=GENERATIONS_RETRY_MS,
+                )
+                return
             case "overloaded":
                 await conn.error("overloaded", "the job queue is full; try again later", job.request_id)
                 return
@@ -76,7 +86,7 @@ async def cancel(conn: Connection, message: Cancel) -> None:
     status: CancelStatus = "not_found"
     worker = ""
     with conn.cancel_result_first(target or ""):
-        if target is not None:
+        if target is not None:  # an id never issued to this user is not_found without a Redis key built
             status, worker = await gw.store.cancel(target, conn.user, "user")
         await conn.reply(CancelResult(status=status, message_id=target, session_id=message.session_id))
     elapsed = time.perf_counter() - started
@@ -92,24 +102,25 @@ async def cancel(conn: Connection, message: Cancel) -> None:
         elapsed_ms=round(elapsed * 1000, 3),
     )
     if target is not None:
-        await tell_worker(conn, worker, target)
+        await tell_worker(gw.store, worker, target)
 
 
-async def tell_worker(conn: Connection, worker: str, message_id: str) -> None:
+async def tell_worker(store: Store, worker: str, message_id: str) -> None:
     """Push a cancel to the worker that runs the message ("" when none needs telling). The
     message has already ended in the store, so a lost push only means that the worker stops
     at its next chunk (refused) instead of at once: logged, not reported to the client."""
     if not worker:
         return
     try:
-        await conn.gw.store.notify_worker(worker, message_id)
+        await store.notify_worker(worker, message_id)
     except Unavailable as exc:
         log.warning("cancel_push_failed", message_id=message_id, worker_id=worker, error=str(exc))
 
 
 async def resume(conn: Connection, message: Resume) -> None:
-    owner = await conn.gw.store.message_owner(message.message_id)
-    if owner is None or owner[0] != conn.user:
+    store = conn.gw.store
+    owner = await store.message_owner(message.message_id) if store.may_own(conn.user, message.message_id) else None
+    if owner is None or owner.user != conn.user:
         await conn.error("not_found", "no such message (unknown, expired, or not yours)", message_id=message.message_id)
         return
     await conn.gw.store.refresh_attach([message.message_id], conn.gw.store.lifetimes.detach_grace_ms)

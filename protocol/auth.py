@@ -1,7 +1,7 @@
 """HMAC-signed user tokens: `base64url(claims).base64url(hmac_sha256(secret, claims))`.
 
 Minted by `python -m gateway token --user NAME`; checked by every gateway sharing the secret.
-Pure: the caller passes the clock.
+Each carries its user and its expiry. Pure: the caller passes the clock.
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ import msgspec
 from protocol.errors import AuthError
 from protocol.messages import USER_RE
 
+DEFAULT_TTL_S = 3_600
+MIN_SECRET_BYTES = 32
+MAKE_A_SECRET = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
 
 class Claims(msgspec.Struct, frozen=True):
     user: str
@@ -23,6 +27,17 @@ class Claims(msgspec.Struct, frozen=True):
 
 
 _claims_decoder = msgspec.json.Decoder(Claims)
+
+
+def check_secret(secret: str) -> str:
+    """`secret` if it is long enough to sign tokens with, else `ValueError` saying how to make one."""
+    size = len(secret.encode())
+    if size < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"the auth secret is {size} bytes; it must be at least {MIN_SECRET_BYTES} "
+            f"(make one with: {MAKE_A_SECRET})"
+        )
+    return secret
 
 
 def _b64(data: bytes) -> str:
@@ -37,15 +52,15 @@ def _sign(secret: str, payload: bytes) -> bytes:
     return hmac.new(secret.encode(), payload, hashlib.sha256).digest()
 
 
-def mint_token(secret: str, user: str, now: float, ttl_s: int = 86_400) -> str:
+def mint_token(secret: str, user: str, now: float, ttl_s: int = DEFAULT_TTL_S) -> str:
     if not USER_RE.match(user):
         raise AuthError(f"invalid user name {user!r}: use 1-64 of A-Za-z0-9_.@-")
     payload = msgspec.json.encode(Claims(user=user, exp=int(now) + ttl_s))
     return f"{_b64(payload)}.{_b64(_sign(secret, payload))}"
 
 
-def verify_token(secret: str, token: str, now: float) -> str:
-    """Return the token's user, or raise `AuthError`."""
+def verify_claims(secret: str, token: str, now: float) -> Claims:
+    """The token's claims, or `AuthError` (malformed, wrongly signed, expired)."""
     try:
         payload_part, sig_part = token.split(".")
         payload, signature = _unb64(payload_part), _unb64(sig_part)
@@ -61,4 +76,9 @@ def verify_token(secret: str, token: str, now: float) -> str:
         raise AuthError("token expired")
     if not USER_RE.match(claims.user):
         raise AuthError("invalid user in token")
-    return claims.user
+    return claims
+
+
+def verify_token(secret: str, token: str, now: float) -> str:
+    """The token's user, or `AuthError`."""
+    return verify_claims(secret, token, now).user

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
+
+Role = Literal["system", "user", "assistant"]
+
+
+class ChatTurn(msgspec.Struct, frozen=True):
+    """One message of a conversation that a client sends whole (the OpenAI-compatible edge)."""
+
+    role: Role
+    content: str
 
 
 class Job(msgspec.Struct, frozen=True):
@@ -15,6 +26,14 @@ class Job(msgspec.Struct, frozen=True):
     max_tokens: int
     request_id: str | None = None
     created_ms: int = 0
+    temperature: float | None = None
+    """None: the worker's default."""
+    seed: int | None = None
+    """None: the worker's default."""
+    conversation: tuple[ChatTurn, ...] | None = None
+    """The turns before `text` (the last user turn), oldest first, when the client sends the
+    whole conversation (the OpenAI-compatible edge): the worker prompts with them instead of
+    the session's history. None: the session's history."""
 
 
 class StoredTurn(msgspec.Struct, frozen=True):

@@ -11,8 +11,10 @@ from typing import Annotated, Literal
 
 import msgspec
 
-SESSION_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
-USER_PATTERN = r"^[A-Za-z0-9_.@\-]{1,64}$"
+# `\Z`, not `$`: Python's `$` also matches before a final newline ("s1\n" is no session id).
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}\Z"
+USER_PATTERN = r"^[A-Za-z0-9_.@\-]{1,64}\Z"
+SESSION_ID_RE = re.compile(SESSION_ID_PATTERN)
 USER_RE = re.compile(USER_PATTERN)
 
 SessionId = Annotated[str, msgspec.Meta(pattern=SESSION_ID_PATTERN)]
@@ -20,7 +22,8 @@ UserName = Annotated[str, msgspec.Meta(pattern=USER_PATTERN)]
 MessageId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Text = Annotated[str, msgspec.Meta(min_length=1)]
-Seq = Annotated[int, msgspec.Meta(ge=0)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+"""Bounded so that `seq + 1` stays a valid Redis stream id (msgspec decodes big integers)."""
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 
 
@@ -38,6 +41,10 @@ class Chat(_Client, tag="chat"):
     text: Text
     request_id: RequestId | None = None
     max_tokens: PositiveInt | None = None
+    temperature: float | None = None
+    """0-2; 0 = greedy (the same text every time). Range checked in `protocol.validation`."""
+    seed: int | None = None
+    """Any signed 64-bit integer, for reproducible sampling."""
 
 
 class Cancel(_Client, tag="cancel"):
@@ -71,6 +78,8 @@ class _Server(msgspec.Struct, tag_field="type", omit_defaults=True):
 
 class AuthOk(_Server, tag="auth_ok"):
     user: str
+    expires_at: int | None = None
+    """The token's expiry, Unix seconds (absent in development mode)."""
 
 
 class Accepted(_Server, tag="accepted"):
@@ -118,6 +127,8 @@ class Error(_Server, tag="error"):
     message_id: str | None = None
     seq: int | None = None
     """Extension: for a terminal error, the last chunk's seq (like `done`)."""
+    retry_after_ms: int | None = None
+    """With `rate_limited`: how long to wait before trying again."""
 
 
 CancelStatus = Literal["cancelling", "already_cancelled", "already_completed", "not_found"]

@@ -22,6 +22,10 @@ _peek_decoder = msgspec.json.Decoder(_Peek)
 KNOWN_TYPES = ("auth", "chat", "cancel", "resume", "heartbeat", "history", "clear_history")
 
 
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.0, 2.0
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_text_chars: int = 16_000
@@ -31,7 +35,7 @@ class Limits:
 def _request_id_of(frame: bytes | str) -> str | None:
     try:
         rid = _peek_decoder.decode(frame).request_id
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
     return rid if isinstance(rid, str) else None
 
@@ -46,6 +50,8 @@ def decode_client(frame: bytes | str, limits: Limits = Limits()) -> ClientMessag
         raise BadRequest(_explain(str(exc)), _request_id_of(frame)) from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"malformed JSON: {exc}") from None
+    except RecursionError:  # msgspec's depth guard, on values nested thousands deep
+        raise BadRequest("malformed JSON: nested too deeply") from None
     match message:
         case Chat(text=text) if len(text) > limits.max_text_chars:
             raise BadRequest(
@@ -57,6 +63,13 @@ def decode_client(frame: bytes | str, limits: Limits = Limits()) -> ClientMessag
                 f"max_tokens must be between 1 and {limits.max_tokens}, got {n}",
                 message.request_id,
             )
+        case Chat(temperature=float(value)) if not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+            raise BadRequest(
+                f"temperature must be between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g} (0: greedy), got {value:g}",
+                message.request_id,
+            )
+        case Chat(seed=int(seed)) if not MIN_SEED <= seed <= MAX_SEED:
+            raise BadRequest(f"seed must be a signed 64-bit integer, got {seed}", message.request_id)
     return message
 
 

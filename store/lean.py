@@ -82,7 +82,9 @@ class _Batch:
     replies: list[Any] = field(default_factory=list)
 
 
-class _Connection(asyncio.Protocol):
+class Connection(asyncio.Protocol):
+    """One pipelined connection: each `send` is a batch whose replies resolve its future."""
+
     def __init__(self) -> None:
         self._reader = hiredis.Reader()
         self._transport: asyncio.Transport | None = None
@@ -133,22 +135,33 @@ class LeanClient:
     def __init__(self, options: dict[str, Any], timeout_s: float = 2.0) -> None:
         self._options = options
         self._timeout_s = timeout_s
-        self._connection: _Connection | None = None
+        self._connection: Connection | None = None
         self._connecting: asyncio.Lock | None = None
 
     async def execute(self, commands: Sequence[Command]) -> list[Any]:
         """Replies in order; error replies as `hiredis.ReplyError` values. Raises redis-py's
-        `ConnectionError` / `TimeoutError` if Redis cannot be reached or does not answer."""
-        connection = self._connection
-        if connection is None or connection.lost:
-            connection = await self._connect()
-        replies = connection.send(commands)
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                return await replies
-        except TimeoutError:
-            connection.close()
-            raise redis.exceptions.TimeoutError(f"redis did not answer within {self._timeout_s} s") from None
+        `ConnectionError` / `TimeoutError` if Redis cannot be reached or does not answer.
+
+        A connection that was open but turns out closed (Redis dropped it while it was idle)
+        costs one more try on a new one: every command sent here must be safe to send twice
+        (reads, XACK, PUBLISH, and the scripts of `store.scripts`, which are)."""
+        for last_try in (False, True):
+            connection = self._connection
+            fresh = connection is None or connection.lost
+            if fresh:
+                connection = await self._connect()
+            assert connection is not None
+            replies = connection.send(commands)
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    return await replies
+            except TimeoutError:
+                connection.close()
+                raise redis.exceptions.TimeoutError(f"redis did not answer within {self._timeout_s} s") from None
+            except redis.exceptions.ConnectionError:
+                if fresh or last_try:
+                    raise
+        raise AssertionError("unreachable")
 
     async def call(self, *command: bytes | str | int | float) -> Any:
         """One command; an error reply is raised (see `raised`)."""
@@ -160,32 +173,38 @@ class LeanClient:
             self._connection.close()
             self._connection = None
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> Connection:
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
             if self._connection is not None and not self._connection.lost:
                 return self._connection
-            try:
-                connection = await open_transport(self._options, _Connection, self._timeout_s)
-            except Unavailable as exc:
-                raise redis.exceptions.ConnectionError(str(exc)) from exc
-            setup: list[Command] = []
-            auth = auth_command(self._options)
-            if auth is not None:
-                setup.append(auth)
-            if self._options.get("db"):
-                setup.append(("SELECT", self._options["db"]))
-            if setup:
-                try:
-                    async with asyncio.timeout(self._timeout_s):
-                        replies = await connection.send(setup)
-                except TimeoutError:
-                    connection.close()
-                    raise redis.exceptions.TimeoutError("redis did not answer the connection setup") from None
-                for reply in replies:
-                    if isinstance(reply, hiredis.ReplyError):
-                        connection.close()
-                        raise redis.exceptions.ConnectionError(f"redis refused the connection setup: {reply}")
-            self._connection = connection
-            return connection
+            self._connection = await open_connection(self._options, self._timeout_s)
+            return self._connection
+
+
+async def open_connection(options: dict[str, Any], timeout_s: float) -> Connection:
+    """A `Connection` as redis-py's URL `options` say, authenticated and on its database;
+    redis-py's `ConnectionError` / `TimeoutError` if that fails within `timeout_s`."""
+    try:
+        connection = await open_transport(options, Connection, timeout_s)
+    except Unavailable as exc:
+        raise redis.exceptions.ConnectionError(str(exc)) from exc
+    setup: list[Command] = []
+    auth = auth_command(options)
+    if auth is not None:
+        setup.append(auth)
+    if options.get("db"):
+        setup.append(("SELECT", options["db"]))
+    if setup:
+        try:
+            async with asyncio.timeout(timeout_s):
+                replies = await connection.send(setup)
+        except TimeoutError:
+            connection.close()
+            raise redis.exceptions.TimeoutError("redis did not answer the connection setup") from None
+        for reply in replies:
+            if isinstance(reply, hiredis.ReplyError):
+                connection.close()
+                raise redis.exceptions.ConnectionError(f"redis refused the connection setup: {reply}")
+    return connection

@@ -18,11 +18,24 @@ import structlog
 
 from store import keys
 from store.redis_store import Store
+from store.topology import AnyRedis
 from store.retry import REDIS_ERRORS
 
 log = structlog.get_logger("store.registry")
 
 Fields = Mapping[str, str | int | float]
+
+
+async def read_instances(redis: AnyRedis, kind: str = "*") -> list[dict[str, str]]:
+    """The records of the registered instances (of one kind, or all), as text."""
+    names = [key async for key in redis.scan_iter(match=keys.instance(kind, "*"), count=500)]
+    if not names:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.hgetall(name)
+        records: list[dict[bytes, bytes]] = await pipe.execute()
+    return [{k.decode(): v.decode() for k, v in record.items()} for record in records if record]
 
 
 class Registry:

@@ -18,13 +18,13 @@ import redis.exceptions
 import structlog
 from redis.backoff import EqualJitterBackoff
 
-from store import Unavailable
+from store import DeadlinePassed, Unavailable
 
 log = structlog.get_logger("store.retry")
 
 T = TypeVar("T")
 
-REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OSError, Unavailable)
+REDIS_ERRORS = (redis.exceptions.RedisError, OSError, Unavailable)
 """Everything Redis (or the way to it) can throw at a caller: connection loss, timeouts and
 error replies alike."""
 
@@ -69,10 +69,6 @@ class Backoff:
         delay = self.next_delay()
         await asyncio.sleep(delay)
         return delay
-
-
-class DeadlinePassed(Unavailable):
-    """Redis kept refusing an operation until its deadline."""
 
 
 async def retry(

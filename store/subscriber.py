@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Self, cast
 
 import hiredis
 from redis.connection import parse_url
@@ -37,10 +37,15 @@ class Subscriber(asyncio.Protocol):
         self.closed: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
 
     @classmethod
-    async def open(cls, url: str, on_message: OnMessage, timeout_s: float = 2.0) -> Subscriber:
+    async def open(cls, url: str, on_message: OnMessage, timeout_s: float = 2.0) -> Self:
         """Connect (TCP, TLS or unix socket, with AUTH from the URL); `Unavailable` if Redis
         cannot be reached within `timeout_s`."""
         options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        return await cls.open_options(options, on_message, timeout_s)
+
+    @classmethod
+    async def open_options(cls, options: dict[str, Any], on_message: OnMessage, timeout_s: float = 2.0) -> Self:
+        """`open`, with redis-py's parsed URL `options` (a cluster node's address)."""
         subscriber = await open_transport(options, lambda: cls(on_message), timeout_s)
         auth = auth_command(options)
         if auth is not None:

@@ -21,12 +21,25 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 
 from gateway.server import Gateway, GatewayConfig
+from protocol.ids import new_message_id
 from store.embedded import free_port
+from store.keys import Keyspace
+from store.registry import read_instances
+from store.topology import Topology
 from worker.engines.base import Engine
 from worker.engines.synthetic import SyntheticEngine
 from worker.runner import Worker, WorkerConfig
 
 SCALE = float(os.environ.get("TOKENRELAY_TEST_TIMEOUT_SCALE", "1"))
+KEYSPACE = Keyspace()
+"""The keys of the deployments tests start (one shard, as gateways and workers default to)."""
+JOBS_STREAM = KEYSPACE.job_streams()[0]
+BACKLOG = KEYSPACE.backlogs()[0]
+
+
+def message_id(user: str = "u") -> str:
+    """A fresh id for a message of `user`, as a gateway mints it."""
+    return new_message_id(KEYSPACE.tag_of_user(user))
 TERMINALS = ("done", "cancelled", "error")
 
 
@@ -58,21 +71,31 @@ async def wait_until(
 
 
 class Client:
-    """A WebSocket client that reads every frame into per-message logs."""
+    """A WebSocket client that reads every frame into per-message logs; `pause_reading`
+    makes it a client that stops reading (the server's sends then block on TCP)."""
 
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
         self.frames: list[dict[str, Any]] = []
         self._new = asyncio.Event()
+        self._reading = asyncio.Event()
+        self._reading.set()
         self._cancels_sent = 0
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
         with contextlib.suppress(Exception):
-            async for raw in self.ws:
-                self.frames.append(json.loads(raw))
+            while True:
+                await self._reading.wait()
+                self.frames.append(json.loads(await self.ws.recv()))
                 self._new.set()
         self._new.set()
+
+    def pause_reading(self) -> None:
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
 
     async def send(self, **message: Any) -> None:
         await self.ws.send(json.dumps(message))
@@ -136,6 +159,7 @@ class Client:
         return "".join(c["text"] for c in self.chunks(message_id))
 
     async def close(self) -> None:
+        self._reading.set()
         await self.ws.close()
         await asyncio.gather(self._reader, return_exceptions=True)
 
@@ -235,9 +259,16 @@ class ProcessCluster:
     redis_url: str
     tmp: Path
     procs: list[Proc] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    """Set in every process's environment (e.g. TOKENRELAY_AUTH_SECRET)."""
+    cluster: bool = False
+    """`redis_url` names a node of a Redis Cluster (the processes get REDIS_CLUSTER=1)."""
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ, REDIS_URL=self.redis_url, PYTHONUNBUFFERED="1", LOG_LEVEL="info")
+        env = dict(os.environ, REDIS_URL=self.redis_url, PYTHONUNBUFFERED="1", LOG_LEVEL="info",
+                   REDIS_CLUSTER="1" if self.cluster else "")
+        env.pop("TOKENRELAY_AUTH_SECRET", None)
+        env.update(self.extra_env)
         return env
 
     def add_gateway(self, *extra: str) -> Proc:
@@ -264,16 +295,12 @@ class ProcessCluster:
         return [p for p in self.procs if p.kind == "worker"]
 
     async def wait_healthy(self, timeout: float = 20.0) -> None:
-        import redis.asyncio as aioredis
-
-        from store import keys
-
         for proc in self.gateways:
             await wait_until(lambda: http_ok(proc.port or 0, "/healthz"), timeout)
-        r = aioredis.Redis.from_url(self.redis_url)
+        r = Topology(self.redis_url, self.cluster).client()
 
         async def workers_registered() -> bool:
-            return len(await r.keys(keys.INSTANCE_PREFIX + "worker:*")) >= len(self.workers)
+            return len(await read_instances(r, "worker")) >= len(self.workers)
 
         try:
             await wait_until(workers_registered, timeout)

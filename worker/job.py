@@ -17,11 +17,11 @@ import structlog
 from protocol import coalesce
 from protocol.coalesce import Coalescer
 from protocol.jobs import Job
-from protocol.messages import Chunk, Error, FinishReason, Terminal, encode_text, state_of
-from store import keys
+from protocol.messages import Chunk, Error, ErrorCode, FinishReason, Terminal, encode_text, state_of
+from store import DeadlinePassed, NotReplicated, keys
 from store.redis_store import Append, Ending, Store
-from store.retry import DeadlinePassed, retry
-from worker import metrics
+from store.retry import retry
+from worker import PromptTooLong, metrics, prompt
 from worker.cancel_token import CancelToken
 from worker.engines.base import Engine, Finish, GenerationRequest, Turn
 from worker.progress import UNAVAILABLE, Progress, Stop, terminal_event
@@ -38,7 +38,8 @@ class Running:
     attempt: int
     token: CancelToken = field(default_factory=CancelToken)
     cancel_source: str | None = None
-    """How a user's cancel reached this worker (`push`, `catch_up`), for the job's log line."""
+    """How a user's cancel reached this worker (`push`, `catch_up`, `refused_write`: a chunk
+    write refused because the store had ended the message), for the job's log line."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +84,7 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
         return "lost"
     terminal = terminal_event(job.message_id, failure=failure, cancel_reason=running.token.reason, finish=finish)
     ending = await end(
-        services.store, services.worker_id, running.attempt, terminal, progress.answer, services.redis_deadline_s
+        services.store, services.worker_id, running.attempt, job, terminal, progress.answer, services.redis_deadline_s
     )
     state: Outcome
     match ending:
@@ -108,23 +109,30 @@ async def run_job(services: JobServices, running: Running, start_seq: int = 0) -
 
 
 async def build_request(services: JobServices, job: Job) -> GenerationRequest:
+    """The engine's request: the job's own conversation when it carries one, else the
+    session's history (engines that use it)."""
     history: list[Turn] = []
-    if services.with_history:
+    system: str | None = None
+    if job.conversation is not None:
+        system, history = prompt.from_conversation(job.conversation)
+    elif services.with_history:
         turns = await retry(
             lambda: services.store.session_turns(job.user, job.session_id, before=job.message_id),
             "history",
             deadline_s=services.redis_deadline_s,
         )
-        history = [Turn(role, text) for role, text, _mid in turns]  # type: ignore[arg-type]
-    return GenerationRequest(job.message_id, job.text, job.max_tokens, history)
+        history = [Turn(t.role, t.text, "cancelled" if t.status == "cancelled" else "complete") for t in turns]
+    return GenerationRequest(
+        job.message_id, job.text, job.max_tokens, history, temperature=job.temperature, seed=job.seed, system=system
+    )
 
 
 async def generate(
     engine: Engine, request: GenerationRequest, token: CancelToken, stream: ChunkStream
-) -> tuple[FinishReason | None, str | None, int]:
+) -> tuple[FinishReason | None, tuple[ErrorCode, str] | None, int]:
     """Run the engine into `stream`: (finish reason, failure, tokens after the cancel)."""
     finish: FinishReason | None = None
-    failure: str | None = None
+    failure: tuple[ErrorCode, str] | None = None
     after_cancel = 0
     try:
         async for item in engine.generate(request, token):
@@ -135,30 +143,42 @@ async def generate(
                 after_cancel += 1
             stream.add(item)
             await stream.room()
+    except PromptTooLong as exc:  # PROTOCOL.md: "text too long" is bad_request; resending fails alike
+        log.info("prompt_too_long", tokens=exc.tokens, budget=exc.budget)
+        failure = ("bad_request", str(exc))
     except Exception as exc:  # an engine failure ends this message, not the worker
         log.exception("engine_failed")
-        failure = f"generation failed: {type(exc).__name__}"
+        failure = ("internal", f"generation failed: {type(exc).__name__}")
     finally:
         stream.flush()
     return finish, failure, after_cancel
 
 
 async def end(
-    store: Store, worker_id: str, attempt: int, terminal: Terminal, text: str, deadline_s: float
+    store: Store, worker_id: str, attempt: int, job: Job, terminal: Terminal, text: str, deadline_s: float
 ) -> Ending:
-    """Write the terminal event (fenced by worker and attempt). Refused past `deadline_s`,
-    the message ends `error` / `unavailable` instead, written whenever Redis lets it."""
-    message_id = terminal.message_id
-    assert message_id is not None
+    """Write the terminal event of `job`'s message (fenced by worker and attempt). Refused
+    past `deadline_s`, the message ends `error` / `unavailable` instead, written whenever Redis
+    lets it. An end written but on no replica yet (`NotReplicated`) is not refused: it is
+    tried again, unchanged, until a replica has it."""
+    mid, user, sid = job.message_id, job.user, job.session_id
     try:
         return await retry(
-            lambda: store.finish(message_id, worker_id, attempt, terminal, text), "finish", deadline_s=deadline_s
+            lambda: store.finish(mid, worker_id, attempt, terminal, text, user=user, session_id=sid),
+            "finish",
+            deadline_s=deadline_s,
         )
     except DeadlinePassed as exc:
         log.error("finish_refused", error=str(exc))
+        if isinstance(exc.__cause__, NotReplicated):
+            return await retry(
+                lambda: store.finish(mid, worker_id, attempt, terminal, text, user=user, session_id=sid), "finish"
+            )
     unavailable = Error(code="unavailable", message="the message store refused writes for too long",
-                        message_id=message_id, seq=0)
-    return await retry(lambda: store.finish(message_id, worker_id, attempt, unavailable, text), "finish")
+                        message_id=mid, seq=0)
+    return await retry(
+        lambda: store.finish(mid, worker_id, attempt, unavailable, text, user=user, session_id=sid), "finish"
+    )
 
 
 class ChunkStream:
@@ -207,14 +227,21 @@ class ChunkStream:
         if every and seq % every == 0:
             self._polls.append(asyncio.ensure_future(self._poll_cancel_key()))
         frame = encode_text(Chunk(message_id=job.message_id, seq=seq, text=chunk))
-        self._services.writer.append(job.message_id, self._running.attempt, seq, frame, self._written)
+        self._services.writer.append(job.message_id, self._running.attempt, seq, frame, self._written, self._earlier)
+
+    def _earlier(self, seq: int) -> str | None:
+        """The frame of an earlier chunk of this generation (to write again after a store
+        lost it), or None for one it did not write."""
+        text = self._progress.text_of(seq)
+        return None if text is None else encode_text(Chunk(message_id=self._running.job.message_id, seq=seq, text=text))
 
     def _written(self, seq: int, outcome: Append | BaseException) -> None:
         stop = self._progress.written(seq, outcome)
         if stop is not Stop.GO_ON:
             if stop.value == UNAVAILABLE:
                 log.error("chunk_write_failed", seq=seq, error=str(outcome))
-            self._running.token.cancel(stop.value)
+            if self._running.token.cancel(stop.value) and stop is Stop.CANCELLED:
+                self._running.cancel_source = "refused_write"  # the store ended it before the push came
         if not self._progress.writing and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 

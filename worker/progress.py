@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from protocol.messages import Cancelled, Done, Error, FinishReason, Terminal
+from protocol.messages import Cancelled, Done, Error, ErrorCode, FinishReason, Terminal
 
 if TYPE_CHECKING:
     from store.redis_store import Append
@@ -78,6 +78,12 @@ class Progress:
                 self.failed = True
                 return Stop.UNAVAILABLE
 
+    def text_of(self, seq: int) -> str | None:
+        """The text of chunk `seq` of this generation, or None for one it did not write."""
+        if self.start_seq < seq <= self.seq:
+            return self.chunks[seq - self.start_seq - 1]
+        return None
+
     @property
     def answer(self) -> str:
         """The text of the chunks the store accepted."""
@@ -87,14 +93,15 @@ class Progress:
 def terminal_event(
     message_id: str,
     *,
-    failure: str | None,
+    failure: tuple[ErrorCode, str] | None,
     cancel_reason: str,
     finish: FinishReason | None,
 ) -> Terminal:
     """The event that ends a generation. Its `seq` is a placeholder: the store puts the
     terminal right after the last chunk it accepted."""
     if failure is not None:
-        return Error(code="internal", message=failure, message_id=message_id, seq=0)
+        code, why = failure
+        return Error(code=code, message=why, message_id=message_id, seq=0)
     if cancel_reason == UNAVAILABLE:
         why = "the message store refused writes for too long"
         return Error(code="unavailable", message=why, message_id=message_id, seq=0)

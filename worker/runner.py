@@ -25,15 +25,17 @@ import redis.exceptions
 import structlog
 
 from protocol import coalesce
+from protocol.jobs import Job
 from protocol.messages import Error, Terminal
 from store import Unavailable, keys
-from store.redis_store import Redis, Store, connect
+from store.redis_store import Store
+from store.topology import AnyRedis, Topology, ready, single
 from store.registry import Registry
 from store.retry import REDIS_ERRORS, Backoff, retry
 from store.settings import Lifetimes
-from store.subscriber import Subscriber
 from store.tasks import Supervisor
 from worker import metrics
+from worker.consume import Consumer
 from worker.engines.base import Engine
 from worker.job import JobServices, Running, Taken, end, run_job
 from worker.progress import SHUTDOWN
@@ -59,14 +61,17 @@ class WorkerConfig:
     poll_every_chunks: int = 0
     """0: cancels are pushed (pub/sub). N > 0: benchmark baseline, poll the cancel key every N chunks."""
     lifetimes: Lifetimes = field(default_factory=Lifetimes)
+    topology: Topology | None = None
+    """Where the data lives (`store.topology.discover`); None: one Redis at `redis_url`, one shard."""
 
 
 class Worker:
     def __init__(self, config: WorkerConfig, engines: list[Engine]) -> None:
         self.config = config
         self.id = config.worker_id
-        self.store = Store(connect(config.redis_url), config.lifetimes)
-        self._blocking: Redis = connect(config.redis_url, timeout_s=config.block_ms / 1000 + 5)
+        self.topology = config.topology or single(config.redis_url)
+        self.store = Store.open(self.topology, config.lifetimes)
+        self._blocking: AnyRedis = self.topology.client(timeout_s=config.block_ms / 1000 + 5)
         self._engines: asyncio.Queue[Engine] = asyncio.Queue()
         self._all_engines = engines
         self.writer = ChunkWriter(self.store, self.id, deadline_s=config.redis_deadline_s)
@@ -74,7 +79,11 @@ class Worker:
         self.handling: set[bytes] = set()
         """Job stream entries this worker has a task for (claiming, running or ending)."""
         self._job_tasks: set[asyncio.Task[None]] = set()
-        self._slot_freed = asyncio.Event()
+        self.consumer = Consumer(
+            self._blocking, self.store.keyspace.job_streams(), keys.WORKER_GROUP, self.id,
+            free_slots=self._free_slots, on_entries=self._on_entries, ensure_group=self.ensure_group,
+            block_ms=config.block_ms,
+        )
         self.with_history = any(e.name == "llama" for e in engines)
         self.registry = Registry(
             self.store, "worker", self.id, self._describe,
@@ -82,11 +91,11 @@ class Worker:
         )
 
     def _describe(self) -> dict[str, str | int | float]:
-        return {"active": len(self.running), "capacity": len(self._all_engines)}
+        return {"active": len(self.running), "capacity": len(self._all_engines), "model": self._all_engines[0].model}
 
-    async def ensure_group(self) -> None:
+    async def ensure_group(self, stream: str) -> None:
         try:
-            await self.store.redis.xgroup_create(keys.JOBS_STREAM, keys.WORKER_GROUP, id="0", mkstream=True)
+            await self.store.redis.xgroup_create(stream, keys.WORKER_GROUP, id="0", mkstream=True)
         except redis.exceptions.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -96,7 +105,10 @@ class Worker:
         for engine in self._all_engines:
             await engine.start()
             self._engines.put_nowait(engine)
-        await retry(self.ensure_group, "xgroup_create")
+        await self.store.start()
+        await ready(self._blocking)
+        for stream in self.store.keyspace.job_streams():
+            await retry(lambda: self.ensure_group(stream), "xgroup_create")
         await retry(self.store.load_append_script, "script_load")
         self.writer.start()
         background = Supervisor()
@@ -106,7 +118,7 @@ class Worker:
         background.start(self._watch_orphans, "orphans")
         background.start(Reaper(self).run, "reaper")
         consume = Supervisor()
-        consume.start(self._consume, "consume")
+        consume.start(self.consumer.run, "consume")
         log.info("worker_started", concurrency=self.config.concurrency, engine=self._all_engines[0].name)
         await stop.wait()
         log.info("worker_draining", running=len(self.running))
@@ -134,30 +146,12 @@ class Worker:
 
     # --- consuming ----------------------------------------------------------------------
 
-    async def _consume(self) -> None:
-        backoff = Backoff()
-        while True:
-            free = self._engines.qsize() - self._claimed_waiting()
-            if free <= 0:
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
-                continue
-            try:
-                reply = await self._blocking.xreadgroup(
-                    keys.WORKER_GROUP, self.id, {keys.JOBS_STREAM: ">"}, count=free, block=self.config.block_ms
-                )
-                backoff.reset()
-            except REDIS_ERRORS as exc:
-                if "NOGROUP" in str(exc):
-                    await retry(self.ensure_group, "xgroup_create")
-                    continue
-                delay = await backoff.wait()
-                log.warning("consume_retry", error=str(exc), backoff_s=round(delay, 3))
-                continue
-            streams: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] = reply or []  # type: ignore[assignment]
-            for _stream, entries in streams:
-                for entry_id, fields in entries:
-                    self.start_job(entry_id, fields[b"m"].decode())
+    def _free_slots(self) -> int:
+        return self._engines.qsize() - self._claimed_waiting()
+
+    def _on_entries(self, _stream: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        for entry_id, fields in entries:
+            self.start_job(entry_id, fields[b"m"].decode())
 
     def _claimed_waiting(self) -> int:
         return len(self._job_tasks) - len(self.running)
@@ -171,7 +165,7 @@ class Worker:
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
         self._job_tasks.discard(task)
-        self._slot_freed.set()
+        self.consumer.slot_freed.set()
 
     async def _handle(self, entry_id: bytes, message_id: str, taken: Taken | None) -> None:
         bound = log.bind(message_id=message_id)
@@ -180,18 +174,19 @@ class Worker:
                 now_ms = int(time.time() * 1000)
                 claimed = await retry(lambda: self.store.claim(message_id, self.id, now_ms), "claim")
                 if claimed is None:
-                    await self.ack(entry_id)
+                    await self.ack(message_id, entry_id)
                     return
                 taken = Taken(*claimed)
             outcome = await self._run(taken)
             if outcome != "lost":
-                await self.ack(entry_id)
+                await self.ack(message_id, entry_id)
         except Exception as exc:  # a job this worker owns must still end: say so in its terminal
             bound.exception("job_failed")
             if taken is not None:
                 why = f"the worker failed: {type(exc).__name__}"
-                await self.end(taken.attempt, Error(code="internal", message=why, message_id=message_id, seq=0))
-                await self.ack(entry_id)
+                error = Error(code="internal", message=why, message_id=message_id, seq=0)
+                await self.end(taken.attempt, error, taken.job)
+                await self.ack(message_id, entry_id)
         finally:
             self.handling.discard(entry_id)
 
@@ -219,17 +214,16 @@ class Worker:
         metrics.JOBS.labels(outcome).inc()
         return outcome
 
-    async def end(self, attempt: int, terminal: Terminal) -> None:
+    async def end(self, attempt: int, terminal: Terminal, job: Job) -> None:
         """End a message this worker owns but does not generate, its log's text as the answer."""
-        assert terminal.message_id is not None
-        text = await self.partial_text(terminal.message_id)
-        await end(self.store, self.id, attempt, terminal, text, self.config.redis_deadline_s)
+        text = await self.partial_text(job.message_id)
+        await end(self.store, self.id, attempt, job, terminal, text, self.config.redis_deadline_s)
 
     async def partial_text(self, message_id: str) -> str:
         return await retry(lambda: self.store.partial_text(message_id), "partial_text")
 
-    async def ack(self, entry_id: bytes) -> None:
-        await retry(lambda: self.store.ack(entry_id), "xack")
+    async def ack(self, message_id: str, entry_id: bytes) -> None:
+        await retry(lambda: self.store.ack(message_id, entry_id), "xack")
 
     # --- cancellation -------------------------------------------------------------------
 
@@ -258,7 +252,7 @@ class Worker:
         published while nobody listens), then take pushes until it ends. Returns why it
         ended, and whether it got as far as listening."""
         try:
-            subscriber = await Subscriber.open(self.config.redis_url, self._on_cancel_push)
+            subscriber = await self.topology.subscriber(self._on_cancel_push)
         except Unavailable as exc:
             return exc, False
         try:

@@ -7,7 +7,10 @@ Order per message is kept, through failures too: a write that Redis refuses for 
 other than fencing (OOM, READONLY, LOADING, a dropped connection...) goes back to the front
 of the queue with the chunks of its message that followed it, and the queue is retried with
 backoff. APPEND stores only the next seq of a message, so a chunk that overtook a refused one
-is refused as out of order and resent after it. A chunk refused for `deadline_s` in a row is
+is refused as out of order and resent after it. When the store is behind chunks it had
+accepted (a Redis Cluster failover loses what the old master had not replicated yet), the
+job's own copy of those chunks (`Earlier`) is written again before the refused one, so the log
+holds what clients already saw, at the same seqs. A chunk refused for `deadline_s` in a row is
 reported failed (`DeadlinePassed`), and so is every later chunk of its message.
 
 The queue is bounded: past `max_pending` chunks, `full` is true and jobs wait in `room()`
@@ -26,9 +29,9 @@ import redis.exceptions
 import structlog
 
 from store import Unavailable
-from store.lean import raised
-from store.redis_store import APPEND_RESULTS, Append, Store
-from store.retry import REDIS_ERRORS, Backoff, DeadlinePassed
+from store.redis_store import Append, Store, append_outcome
+from store import DeadlinePassed
+from store.retry import REDIS_ERRORS, Backoff
 from store.tasks import Supervisor
 
 log = structlog.get_logger("worker.writer")
@@ -39,6 +42,15 @@ Written = Callable[[int, Append | BaseException], None]
 "out_of_order": those are resent), or the error that kept it from Redis. A callback, not a
 future per chunk: chunks are many (docs/PERFORMANCE.md, "relay overhead")."""
 
+Earlier = Callable[[int], str | None]
+"""The frame of an earlier seq of the same message, or None if the job no longer has it."""
+
+
+def _rewritten(seq: int, outcome: Append | BaseException) -> None:
+    """What became of a chunk written again (its job counted it written long ago)."""
+    if not isinstance(outcome, str):
+        log.warning("chunk_rewrite_failed", seq=seq, error=str(outcome))
+
 
 @dataclass(slots=True)
 class _Append:
@@ -47,6 +59,7 @@ class _Append:
     seq: int
     frame: str
     written: Written
+    earlier: Earlier | None = None
     refused_since: float | None = None
     """When Redis first refused this write (monotonic); None while it has not."""
 
@@ -118,10 +131,13 @@ class ChunkWriter:
                 waiter.set_result(None)
                 count -= 1
 
-    def append(self, message_id: str, attempt: int, seq: int, frame: str, written: Written) -> None:
+    def append(
+        self, message_id: str, attempt: int, seq: int, frame: str, written: Written, earlier: Earlier | None = None
+    ) -> None:
         """Queue a fenced chunk write; `written` learns whether it was written, or refused
-        because the message was cancelled or is no longer this worker's, or failed."""
-        self._queue.append(_Append(message_id, attempt, seq, frame, written))
+        because the message was cancelled or is no longer this worker's, or failed.
+        `earlier`: the message's earlier frames, for a store that lost some (see above)."""
+        self._queue.append(_Append(message_id, attempt, seq, frame, written, earlier))
         self._wake.set()
 
     async def _run(self) -> None:
@@ -152,9 +168,10 @@ class ChunkWriter:
             return self._refused(batch, exc)
         again: list[_Append] = []
         reload = False
+        behind: set[str] = set()
         for item, reply in zip(batch, replies):
             try:
-                result = APPEND_RESULTS[int(raised(reply))]
+                result, stored = append_outcome(reply)
             except redis.exceptions.NoScriptError:
                 reload = True
                 again.append(item)
@@ -164,7 +181,10 @@ class ChunkWriter:
                 item.refused_since = item.refused_since or time.monotonic()
                 again.append(item)
                 continue
-            if result == "out_of_order":  # an earlier chunk was refused: resent after it
+            if result == "out_of_order":  # an earlier chunk is missing: resent after it
+                if stored is not None and item.message_id not in behind:
+                    behind.add(item.message_id)
+                    again.extend(self._lost_before(item, stored, again))
                 item.refused_since = item.refused_since or time.monotonic()
                 again.append(item)
             else:
@@ -175,6 +195,22 @@ class ChunkWriter:
             except REDIS_ERRORS as exc:
                 log.warning("script_load_retry", error=str(exc))
         return self._past_deadline(again)
+
+    def _lost_before(self, item: _Append, stored: int, again: list[_Append]) -> list[_Append]:
+        """The chunks between the store's last seq and `item` that nothing queued or about to
+        be retried will write (the store lost them), from the job's own copy."""
+        pending = {a.seq for a in (*again, *self._queue) if a.message_id == item.message_id}
+        lost: list[_Append] = []
+        for seq in range(stored + 1, item.seq):
+            if seq in pending:
+                continue
+            frame = item.earlier(seq) if item.earlier is not None else None
+            if frame is None:
+                return []  # not ours to rebuild: the item waits, then fails at its deadline
+            lost.append(_Append(item.message_id, item.attempt, seq, frame, _rewritten, item.earlier))
+        if lost:
+            log.warning("chunks_rewritten", message_id=item.message_id, first=lost[0].seq, last=lost[-1].seq)
+        return lost
 
     def _refused(self, items: list[_Append], error: BaseException) -> list[_Append]:
         now = time.monotonic()

@@ -13,6 +13,8 @@ from websockets.exceptions import ConnectionClosed
 from protocol.auth import mint_token
 from tests.support import assert_stream_ok, client, gateway, http_get, t, worker
 
+SECRET = "test-secret-of-at-least-32-bytes-0123456789"
+
 
 async def test_chat_streams_contiguous_chunks_then_done(redis_url: str) -> None:
     async with gateway(redis_url) as gw, worker(redis_url), client(gw.port, "alice") as c:
@@ -156,11 +158,13 @@ async def test_healthz_metrics_and_demo_page(redis_url: str) -> None:
 
 
 async def test_auth_with_secret_requires_a_valid_token(redis_url: str) -> None:
-    secret = "s3cret"
+    secret = SECRET
     async with gateway(redis_url, auth_secret=secret) as gw, worker(redis_url):
-        token = mint_token(secret, "carol", time.time())
+        now = time.time()
+        token = mint_token(secret, "carol", now, 600)
         async with client(gw.port) as c:
-            assert await c.request(type="auth", token=token) == {"type": "auth_ok", "user": "carol"}
+            reply = await c.request(type="auth", token=token)
+            assert reply == {"type": "auth_ok", "user": "carol", "expires_at": int(now) + 600}
             mid = await c.chat("s1", max_tokens=2)
             assert (await c.terminal(mid))["type"] == "done"
         for first in ({"type": "heartbeat"}, {"type": "auth", "token": token + "x"}, {"type": "auth", "user": "mallory"}):
@@ -172,7 +176,7 @@ async def test_auth_with_secret_requires_a_valid_token(redis_url: str) -> None:
 
 
 async def test_auth_timeout_closes_with_1008(redis_url: str) -> None:
-    async with gateway(redis_url, auth_secret="k", auth_timeout_s=0.3) as gw, client(gw.port) as c:
+    async with gateway(redis_url, auth_secret=SECRET, auth_timeout_s=0.3) as gw, client(gw.port) as c:
         with pytest.raises(ConnectionError):
             await c.wait_for(lambda f: False, timeout=5)
         assert c.ws.close_code == 1008
@@ -182,10 +186,10 @@ def test_token_cli_mints_a_token_the_gateway_accepts() -> None:
     from protocol.auth import verify_token
 
     out = subprocess.run(
-        [sys.executable, "-m", "gateway", "token", "--user", "alice", "--secret", "k"],
+        [sys.executable, "-m", "gateway", "token", "--user", "alice", "--secret", SECRET],
         check=True, capture_output=True, text=True, timeout=t(30),
     ).stdout.strip()
-    assert verify_token("k", out, time.time()) == "alice"
+    assert verify_token(SECRET, out, time.time()) == "alice"
 
 
 async def test_closed_connection_raises_nothing_for_other_clients(redis_url: str) -> None:

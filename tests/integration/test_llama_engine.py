@@ -1,4 +1,7 @@
-"""The real llama.cpp engine on the built-in model: words, limits, cancels, chat history."""
+"""The real llama.cpp engine on the built-in model: words, limits, cancels, chat history, sampling.
+
+Most tests run the built-in model built with EOS impossible (`tests.models.ENDLESS`): an answer
+ends at its length limit or by a cancel, never early by chance."""
 
 from __future__ import annotations
 
@@ -10,10 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.models import endless_model  # noqa: F401  (fixture)
+from worker import PromptTooLong
 from worker.cancel_token import CancelToken, Phase
 from worker.engines.base import Finish, GenerationRequest, Turn
 from worker.engines.llama import LlamaEngine
 from worker.model import ensure_builtin_model
+from worker.model.choice import ModelFile
+from worker.prompt import STOPPED_NOTE, messages_for
 
 pytestmark = pytest.mark.llama
 
@@ -30,13 +37,26 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-async def engine(model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[LlamaEngine]:
-    """A started engine on the built-in model, found through `TOKENRELAY_CACHE`."""
-    monkeypatch.setenv("TOKENRELAY_CACHE", str(model_cache))
-    eng = LlamaEngine(n_ctx=2048)
+async def engine(endless_model: ModelFile) -> AsyncIterator[LlamaEngine]:
+    """A started engine on the built-in model that never ends an answer by itself."""
+    eng = LlamaEngine(endless_model, n_ctx=2048)
     await eng.start()
     yield eng
     await eng.close()
+
+
+async def test_no_model_given_means_the_built_in_one(model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENRELAY_CACHE", str(model_cache))
+    eng = LlamaEngine(n_ctx=256)
+    assert eng.model == "builtin"
+    await eng.start()
+    try:
+        assert eng.model_file is not None and eng.model_file.path == ensure_builtin_model()
+        assert len(eng.model_file.sha256) == 64
+        pieces, finishes = await collect(eng, request("hello", 5))
+        assert len(finishes) == 1
+    finally:
+        await eng.close()
 
 
 def ensure_builtin_model_in(cache: Path) -> Path:
@@ -45,8 +65,10 @@ def ensure_builtin_model_in(cache: Path) -> Path:
         return ensure_builtin_model()
 
 
-def request(text: str, max_tokens: int, history: list[Turn] | None = None) -> GenerationRequest:
-    return GenerationRequest("m-" + text[:8], text, max_tokens, history or [])
+def request(
+    text: str, max_tokens: int, history: list[Turn] | None = None, **sampling: float | int
+) -> GenerationRequest:
+    return GenerationRequest("m-" + text[:8], text, max_tokens, history or [], **sampling)  # type: ignore[arg-type]
 
 
 async def collect(
@@ -132,23 +154,27 @@ async def test_zero_max_tokens_finishes_at_once(engine: LlamaEngine) -> None:
 
 
 async def test_cancel_mid_generation_stops_within_one_token(engine: LlamaEngine) -> None:
+    """The cancel follows the first piece. The answer cannot end before it: no EOS, and the
+    generation thread waits once 256 pieces are not taken, far below the context's ~2000."""
     token = CancelToken()
     received = after_cancel = 0
     generated_at_cancel = -1
     async with asyncio.timeout(TIMEOUT):
-        async for item in engine.generate(request("go on forever", 1500), token):
+        async for item in engine.generate(request("go on forever", 100_000), token):
             assert not isinstance(item, Finish)
             received += 1
             if token.cancelled:
                 after_cancel += 1
-            if received == 20:
+            else:
+                token.cancel()
                 stats = engine.last_stats
                 assert stats is not None
-                generated_at_cancel = stats.generated_tokens
-                token.cancel()
+                generated_at_cancel = stats.generated_tokens  # read after the cancel: at most
+                # the token being sampled right now can still be counted
     stats = engine.last_stats
     assert stats is not None
-    assert after_cancel == 0
+    assert received == 1 and after_cancel == 0
+    assert 1 <= generated_at_cancel < engine.n_ctx
     assert stats.generated_tokens - generated_at_cancel <= 1
     assert stats.finish == "cancelled"
     assert token.phase is Phase.FINISHED
@@ -158,7 +184,7 @@ async def test_cancel_mid_generation_stops_within_one_token(engine: LlamaEngine)
 async def test_cancel_during_prefill_from_event_loop(engine: LlamaEngine) -> None:
     loop = asyncio.get_running_loop()
     token = SignallingToken(loop)
-    task = asyncio.create_task(collect(engine, request(long_prompt(1500), 100), token))
+    task = asyncio.create_task(collect(engine, request(long_prompt(550), 100), token))
     await asyncio.wait_for(token.in_prompt.wait(), TIMEOUT)
     token.cancel()
     pieces, finishes = await asyncio.wait_for(task, TIMEOUT)
@@ -178,16 +204,16 @@ async def test_cancel_during_prefill_from_event_loop(engine: LlamaEngine) -> Non
 async def test_aborted_prefill_leaves_engine_clean(engine: LlamaEngine) -> None:
     """After an abort mid-eval the next job gives exactly what a fresh engine gives."""
     token = CancelInsidePrefill(reads=40)
-    pieces, finishes = await collect(engine, request(long_prompt(1500), 100), token)
+    pieces, finishes = await collect(engine, request(long_prompt(550), 100), token)
     stats = engine.last_stats
     assert stats is not None
     assert (pieces, finishes) == ([], [])
     assert stats.prefill_aborted and stats.generated_tokens == 0
 
-    follow_up = request("what happens next", 40, [Turn("user", "hi"), Turn("assistant", "ba")])
+    follow_up = request("what happens next", 40, [Turn("user", "hi"), Turn("assistant", "ba")], seed=7)
     after_abort = await collect(engine, follow_up)
 
-    fresh = LlamaEngine(n_ctx=2048)
+    fresh = LlamaEngine(engine.model_file, n_ctx=2048)
     await fresh.start()
     try:
         expected = await collect(fresh, follow_up)
@@ -239,10 +265,11 @@ async def test_consumer_leaving_early_stops_the_thread(engine: LlamaEngine) -> N
 
 
 async def test_chat_history_goes_through_the_template(engine: LlamaEngine) -> None:
-    history = [Turn("user", "hi"), Turn("assistant", "ba")]
-    assert engine.format_prompt(history, "next") == (
-        "<s>User: hi\nAssistant: ba\nUser: next\nAssistant:"
+    history = [Turn("user", "hi"), Turn("assistant", "ba"), Turn("user", "go"), Turn("assistant", "mo", "cancelled")]
+    assert engine.format_prompt(messages_for([(history[0], history[1]), (history[2], history[3])], "next", None)) == (
+        f"<s>User: hi\nAssistant: ba\nUser: go\nAssistant: mo {STOPPED_NOTE}\nUser: next\nAssistant:"
     )
+    assert engine.end_of_turn is None  # the built-in template ends a turn with a newline only
 
     first_pieces, first_finish = await collect(engine, request("hello there", 30))
     assert first_finish and first_pieces
@@ -253,28 +280,30 @@ async def test_chat_history_goes_through_the_template(engine: LlamaEngine) -> No
     stats = engine.last_stats
     assert stats is not None
     assert stats.prompt_tokens > first_prompt + 30
-    assert stats.history_dropped == 0 and not stats.text_truncated
+    assert stats.history_dropped == 0
 
 
-async def test_long_history_drops_oldest_turns(model_cache: Path) -> None:
-    eng = LlamaEngine(model_path=ensure_builtin_model_in(model_cache), n_ctx=512)
+async def test_long_history_drops_oldest_turns_and_a_text_too_long_is_refused(endless_model: ModelFile) -> None:
+    eng = LlamaEngine(endless_model, n_ctx=512)
     await eng.start()
     try:
         turns = [Turn("user" if i % 2 == 0 else "assistant", long_prompt(60)) for i in range(20)]
         pieces, finishes = await collect(eng, request("latest question", 50, turns))
         stats = eng.last_stats
         assert stats is not None
-        assert pieces and len(finishes) == 1
-        assert 0 < stats.history_dropped < 20
-        assert not stats.text_truncated
+        assert pieces and finishes == [Finish("length")]
+        assert 0 < stats.history_dropped < 10  # exchanges
         assert stats.prompt_tokens + 50 <= 512
 
-        pieces, finishes = await collect(eng, request(long_prompt(600), 50))
+        token = CancelToken()
+        with pytest.raises(PromptTooLong, match="too long for the model"):
+            await collect(eng, request(long_prompt(600), 50), token)
         stats = eng.last_stats
-        assert stats is not None
-        assert pieces and len(finishes) == 1
-        assert stats.text_truncated
-        assert stats.prompt_tokens + 50 <= 512
+        assert stats is not None and stats.finish == "error" and stats.generated_tokens == 0
+        assert token.phase_at_cancel is None and token.phase is Phase.FINISHED
+
+        pieces, finishes = await collect(eng, request("still here", 5))  # the engine goes on
+        assert pieces and finishes == [Finish("length")]
     finally:
         await eng.close()
 
@@ -287,3 +316,26 @@ async def test_concurrent_generations_run_one_after_the_other(engine: LlamaEngin
     )
     for pieces, finishes in results:
         assert pieces and finishes == [Finish("length")]
+
+
+async def test_greedy_and_seeded_answers_repeat_whatever_the_cache_holds(engine: LlamaEngine) -> None:
+    """Temperature 0, or a seed, gives the same text every time: also when the KV cache holds
+    another prompt that shares a prefix with this one, or this very prompt (a prefix reused
+    as is would be evaluated in other batches, and change the logits' last bits)."""
+    history = [Turn("user" if i % 2 == 0 else "assistant", long_prompt(40)) for i in range(8)]
+
+    async def text(req: GenerationRequest) -> str:
+        pieces, finishes = await collect(engine, req)
+        assert finishes == [Finish("length")]
+        return "".join(pieces)
+
+    greedy = request("what next", 40, history, temperature=0)
+    seeded = request("what next", 40, history, temperature=1.5, seed=11)
+    first_greedy, first_seeded = await text(greedy), await text(seeded)
+    for other in (request("what else", 30, history), request("what next", 30, history[:4])):
+        await text(other)  # leaves a cache that shares a prefix with the prompt
+        assert await text(greedy) == first_greedy
+        assert await text(seeded) == first_seeded
+    assert await text(greedy) == first_greedy  # right after itself: the whole prompt cached
+    assert await text(request("what next", 40, history, temperature=1.5, seed=12)) != first_seeded
+    assert await text(request("what next", 40, history, temperature=1.5, seed=11 + 0xFFFFFFFF)) == first_seeded

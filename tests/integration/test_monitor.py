@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
 from typing import Any
 
 from clients.monitor import STALE_AFTER_S, parse_counters, to_instance
+from store.embedded import free_port
 from tests.support import REPO, ProcessCluster, t
 
 
@@ -76,3 +78,51 @@ tokenrelay_gateway_frames_out_total 99.0
         "tokenrelay_gateway_cancels_total": {'status="cancelling"': 4.0},
         "tokenrelay_gateway_errors_total": {'code="bad_request"': 2.0},
     }
+
+
+def test_redact_hides_the_password_of_every_url() -> None:
+    from clients.monitor import redact
+
+    assert redact("redis://:s3cret@db:6379/0") == "redis://:***@db:6379/0"
+    assert redact("rediss://app:p%40ss@db/1 and redis://x:y@z") == "rediss://app:***@db/1 and redis://x:***@z"
+    assert redact("redis://db:6379/0") == "redis://db:6379/0"
+    assert redact("unix:///tmp/r.sock") == "unix:///tmp/r.sock"
+
+
+async def test_monitor_redacts_the_password_and_shows_strings_from_redis_as_text(
+    own_redis: tuple[str, Any],
+) -> None:
+    import redis as sync_redis
+
+    from store import keys
+
+    url, admin = own_redis
+    admin.hset(keys.instance("worker", "x"), mapping={
+        "kind": "worker", "id": "[red]boom[/red]", "host": "[bold]host", "pid": "1",
+        "started": str(time.time()), "last_beat": str(time.time()),
+    })
+    admin.config_set("requirepass", "pa55word")
+    secret_url = url.replace("redis://", "redis://:pa55word@")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "clients.monitor", "--redis-url", secret_url, "--once", "--rate-window", "0",
+            cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        async with asyncio.timeout(t(20)):
+            out, err = await proc.communicate()
+        text = out.decode()
+        assert proc.returncode == 0, err.decode()
+        assert "[red]boom[/red]" in text and "[bold]host" in text, text
+        assert "pa55word" not in text and ":***@" in text, text
+
+        dead = f"redis://:pa55word@127.0.0.1:{free_port()}/0"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "clients.monitor", "--redis-url", dead, "--once",
+            cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(t(20)):
+            out, err = await proc.communicate()
+        assert proc.returncode == 2 and "pa55word" not in (out + err).decode() and ":***@" in err.decode()
+    finally:
+        sync_redis.Redis.from_url(secret_url).config_set("requirepass", "")

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from store import keys
-from tests.support import Client, ProcessCluster, assert_stream_ok, client, t, wait_until
+from tests.support import JOBS_STREAM, KEYSPACE, Client, ProcessCluster, assert_stream_ok, client, t, wait_until
 
 
 @pytest.fixture
@@ -33,8 +33,7 @@ async def admin(own_redis: tuple[str, redis.Redis]) -> AsyncIterator[redis.Redis
     """The test's own Redis, put back to normal at the end whatever the test did to it."""
     r = own_redis[1]
     yield r
-    r.config_set("maxmemory", 0)
-    r.execute_command("REPLICAOF", "NO", "ONE")
+    take_writes(r)
 
 
 async def serving(cluster: ProcessCluster, *worker_args: str) -> int:
@@ -72,19 +71,34 @@ async def still_serves(port: int) -> None:
         assert (await b.terminal(long))["type"] == "cancelled"
 
 
+def refuse_writes(admin: redis.Redis, how: str) -> None:
+    """OOM: memory full under `noeviction`; READONLY: the server became a replica (of a master
+    that does not answer), as after a failover."""
+    if how == "OOM":
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+    else:
+        admin.execute_command("REPLICAOF", "127.0.0.1", "1")
+
+
+def take_writes(admin: redis.Redis) -> None:
+    admin.config_set("maxmemory", 0)
+    admin.execute_command("REPLICAOF", "NO", "ONE")
+
+
+@pytest.mark.parametrize("how", ["OOM", "READONLY"])
 async def test_writes_refused_mid_stream_the_stream_resumes_and_every_process_survives(
-    cluster: ProcessCluster, admin: redis.Redis
+    cluster: ProcessCluster, admin: redis.Redis, how: str
 ) -> None:
     port = await serving(cluster)
     async with client(port, "alice") as a:
         mid = await a.chat("s", max_tokens=200)
         await streaming(a, mid)
-        admin.config_set("maxmemory-policy", "noeviction")
-        admin.config_set("maxmemory", 1)
+        refuse_writes(admin, how)
         await wait_until(lambda: logged(cluster, "chunk_write_refused") and logged(cluster, "beat_failed"))
-        refused = await a.request(type="chat", session_id="s2", text="while full")
+        refused = await a.request(type="chat", session_id="s2", text="while refused")
         assert refused["type"] == "error" and refused["code"] == "unavailable", refused
-        admin.config_set("maxmemory", 0)
+        take_writes(admin)
         end = await a.terminal(mid, timeout=30)
         assert end == {"type": "done", "message_id": mid, "seq": len(a.chunks(mid)), "finish_reason": "length"}
         assert_stream_ok(a, mid)
@@ -100,33 +114,15 @@ async def test_writes_refused_past_the_deadline_end_the_message_unavailable(
     async with client(port, "alice") as a:
         mid = await a.chat("s", max_tokens=1000)
         await streaming(a, mid)
-        admin.config_set("maxmemory-policy", "noeviction")
-        admin.config_set("maxmemory", 1)
+        refuse_writes(admin, "OOM")
         await wait_until(lambda: logged(cluster, "chunk_write_failed"), timeout=15)
-        admin.config_set("maxmemory", 0)
+        take_writes(admin)
         end = await a.terminal(mid, timeout=30)
         assert end["type"] == "error" and end["code"] == "unavailable", end
         assert_stream_ok(a, mid)
         assert [e["type"] for e in a.events(mid)].count("error") == 1
         history = await a.request(type="history", session_id="s")
         assert history["turns"][-1] == {"message_id": mid, "role": "assistant", "text": a.text(mid), "status": "error"}
-    assert_all_alive(cluster)
-    await still_serves(port)
-
-
-async def test_a_read_only_redis_after_a_failover_is_survived(cluster: ProcessCluster, admin: redis.Redis) -> None:
-    """READONLY: the server became a replica (of a master that does not answer)."""
-    port = await serving(cluster)
-    async with client(port, "alice") as a:
-        mid = await a.chat("s", max_tokens=200)
-        await streaming(a, mid)
-        admin.execute_command("REPLICAOF", "127.0.0.1", "1")
-        await wait_until(lambda: logged(cluster, "chunk_write_refused"))
-        admin.execute_command("REPLICAOF", "NO", "ONE")
-        end = await a.terminal(mid, timeout=30)
-        assert end["type"] == "done"
-        assert_stream_ok(a, mid)
-        assert len(a.text(mid).split()) == 200
     assert_all_alive(cluster)
     await still_serves(port)
 
@@ -193,8 +189,8 @@ async def test_job_stream_entries_name_the_message_and_the_prompt_leaves_with_it
     async with client(port, "alice") as a:
         mid = await a.chat("s", text=text, max_tokens=3)
         await a.terminal(mid)
-    ((_entry_id, fields),) = admin.xrange(keys.JOBS_STREAM)
+    ((_entry_id, fields),) = admin.xrange(JOBS_STREAM)
     assert fields == {b"m": mid.encode()}
     assert not admin.hexists(keys.meta(mid), "job"), "the ended message still holds its prompt"
-    turn = json.loads(admin.lrange(keys.history("alice", "s"), 0, -1)[0])
+    turn = json.loads(admin.lrange(KEYSPACE.history("alice", "s"), 0, -1)[0])
     assert turn["text"] == text, "the user's turn is kept in history"

@@ -18,12 +18,14 @@ from tests.support import (
     gateway,
     close_code_in,
     masked_text_frame,
+    message_id,
     raw_client_that_never_reads,
     read_until_eof,
     t,
     wait_until,
     worker,
 )
+from tests.cluster import RedisTarget
 from worker.engines.synthetic import SyntheticEngine
 
 
@@ -31,8 +33,9 @@ def slow(rate: float = 50.0, n: int = 20) -> list[SyntheticEngine]:
     return [SyntheticEngine(rate=rate)] * n
 
 
-async def test_resume_mid_stream_on_another_gateway_is_seamless(redis_url: str) -> None:
-    async with gateway(redis_url) as g1, gateway(redis_url) as g2, worker(redis_url, slow(100.0)):
+async def test_resume_mid_stream_on_another_gateway_is_seamless(redis_target: RedisTarget) -> None:
+    url, topology = redis_target.url, await redis_target.topology()
+    async with gateway(url, topology=topology) as g1, gateway(url, topology=topology) as g2, worker(url, slow(100.0), topology=topology):
         async with client(g1.port, "alice") as a:
             mid = await a.chat("s", max_tokens=120)
             await a.wait_for(lambda f: f["type"] == "chunk" and f["seq"] >= 10)
@@ -47,8 +50,9 @@ async def test_resume_mid_stream_on_another_gateway_is_seamless(redis_url: str) 
         assert len(words) == 120
 
 
-async def test_resume_after_the_end_replays_everything_after_the_seq(redis_url: str) -> None:
-    async with gateway(redis_url) as g1, gateway(redis_url) as g2, worker(redis_url):
+async def test_resume_after_the_end_replays_everything_after_the_seq(redis_target: RedisTarget) -> None:
+    url, topology = redis_target.url, await redis_target.topology()
+    async with gateway(url, topology=topology) as g1, gateway(url, topology=topology) as g2, worker(url, topology=topology):
         async with client(g1.port, "alice") as a:
             mid = await a.chat("s", max_tokens=15)
             await a.terminal(mid)
@@ -64,12 +68,13 @@ async def test_resume_after_the_end_replays_everything_after_the_seq(redis_url: 
                 assert replay[-1] == end == a.events(mid)[-1]
 
 
-async def test_resume_unknown_or_foreign_message_is_not_found(redis_url: str) -> None:
-    async with gateway(redis_url) as gw, worker(redis_url), client(gw.port, "alice") as a:
+async def test_resume_unknown_or_foreign_message_is_not_found(redis_target: RedisTarget) -> None:
+    url, topology = redis_target.url, await redis_target.topology()
+    async with gateway(url, topology=topology) as gw, worker(url, topology=topology), client(gw.port, "alice") as a:
         mid = await a.chat("s", max_tokens=3)
         await a.terminal(mid)
         async with client(gw.port, "bob") as b:
-            for target in (mid, "m-unknown"):
+            for target in (mid, "m-unknown", message_id("bob")):
                 start = len(b.frames)
                 await b.send(type="resume", message_id=target, after_seq=0)
                 error = await b.wait_for(lambda f: f["type"] == "error", start=start)
@@ -77,10 +82,11 @@ async def test_resume_unknown_or_foreign_message_is_not_found(redis_url: str) ->
             assert (await b.request(type="heartbeat"))["type"] == "heartbeat_ack"
 
 
-async def test_orphaned_generation_is_cancelled_after_the_detach_grace(redis_url: str) -> None:
+async def test_orphaned_generation_is_cancelled_after_the_detach_grace(redis_target: RedisTarget) -> None:
+    url, topology = redis_target.url, await redis_target.topology()
     lifetimes = Lifetimes(detach_grace_s=0.5)
-    async with gateway(redis_url, lifetimes=lifetimes) as gw, worker(
-        redis_url, slow(50.0), orphan_check_s=0.1
+    async with gateway(url, topology=topology, lifetimes=lifetimes) as gw, worker(
+        url, slow(50.0), orphan_check_s=0.1, topology=topology
     ) as w:
         async with client(gw.port, "alice") as a:
             mid = await a.chat("s", max_tokens=2000)
@@ -101,9 +107,10 @@ async def test_orphaned_generation_is_cancelled_after_the_detach_grace(redis_url
         assert not w.running
 
 
-async def test_a_resumed_generation_is_not_orphaned(redis_url: str) -> None:
+async def test_a_resumed_generation_is_not_orphaned(redis_target: RedisTarget) -> None:
+    url, topology = redis_target.url, await redis_target.topology()
     lifetimes = Lifetimes(detach_grace_s=0.5)
-    async with gateway(redis_url, lifetimes=lifetimes) as gw, worker(redis_url, slow(50.0), orphan_check_s=0.1):
+    async with gateway(url, topology=topology, lifetimes=lifetimes) as gw, worker(url, slow(50.0), topology=topology, orphan_check_s=0.1):
         async with client(gw.port, "alice") as a:
             mid = await a.chat("s", max_tokens=150)
             await a.wait_for(lambda f: f["type"] == "chunk")
@@ -167,7 +174,7 @@ async def test_redis_unreachable_chat_answers_unavailable_and_heartbeats_continu
         assert error["type"] == "error" and error["code"] == "unavailable" and error["request_id"] == "r"
         assert time.monotonic() - started < t(3)
         assert (await a.request(type="heartbeat", ts=1.0))["type"] == "heartbeat_ack"
-        assert (await a.request(type="cancel", message_id="m1"))["code"] == "unavailable"
+        assert (await a.request(type="cancel", message_id=message_id("alice")))["code"] == "unavailable"
 
 
 async def test_scripts_flushed_mid_stream_the_stream_continues(redis_url: str) -> None:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 
 from store.redis_store import Store, connect
+from tests.support import message_id
 from worker.writer import ChunkWriter
+
+UNKNOWN = message_id()
+"""A message no store holds: every write of it is refused as not ours."""
 
 
 async def test_more_concurrent_calls_than_redis_py_default_pool_all_succeed(redis_url: str) -> None:
@@ -33,7 +37,7 @@ async def test_chunk_writer_is_bounded_and_frees_room_as_batches_leave(redis_url
                 all_answered.set_result(None)
 
         for seq in range(1, 5):
-            writer.append("m-unknown", 1, seq, "{}", written)
+            writer.append(UNKNOWN, 1, seq, "{}", written)
         assert writer.full
         waiting = asyncio.create_task(writer.room())
         await asyncio.sleep(0)
@@ -57,7 +61,7 @@ async def test_chunk_writer_wakes_waiting_jobs_in_turn_even_when_one_gives_up(re
     answered: list[int] = []
     try:
         for seq in (1, 2):
-            writer.append("m-unknown", 1, seq, "{}", lambda seq, _outcome: answered.append(seq))
+            writer.append(UNKNOWN, 1, seq, "{}", lambda seq, _outcome: answered.append(seq))
         woken: list[int] = []
 
         async def job(index: int) -> None:

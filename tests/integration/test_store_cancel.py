@@ -7,33 +7,21 @@ step at a time, so each interleaving of cancel, chunk and finish is exact.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator
 
 import msgspec
-import pytest
 
 from protocol.jobs import Job
-from protocol.messages import Cancelled, Chunk, Done, encode_text
+from protocol.messages import Cancelled, Chunk, Done, HistoryTurn, encode_text
 from store import keys
+from tests.support import KEYSPACE
 from store.redis_store import APPEND_RESULTS, Append, Store, connect
 
 WORKER = "w-test"
 
 
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[Store]:
-    s = Store(connect(redis_url))
-    await s.load_append_script()
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
 async def running_message(store: Store, user: str = "u", session: str = "s") -> tuple[str, int]:
     """A submitted and claimed message: (message_id, attempt)."""
-    mid = f"m-{time.time_ns()}"
+    mid = store.new_message_id(user)
     job = Job(message_id=mid, user=user, session_id=session, text="hi", max_tokens=50, created_ms=0)
     assert (await store.submit(job)).outcome == "ok"
     claimed = await store.claim(mid, WORKER, 0)
@@ -52,7 +40,10 @@ async def log_frames(store: Store, mid: str) -> list[dict[str, object]]:
 
 
 async def finish_done(store: Store, mid: str, attempt: int, seq: int, text: str) -> str:
-    return await store.finish(mid, WORKER, attempt, Done(message_id=mid, seq=seq, finish_reason="length"), text)
+    owner = await store.message_owner(mid)
+    assert owner is not None
+    done = Done(message_id=mid, seq=seq, finish_reason="length")
+    return await store.finish(mid, WORKER, attempt, done, text, user=owner.user, session_id=owner.session_id)
 
 
 async def test_cancel_of_a_running_message_ends_it_at_its_last_stored_seq(store: Store) -> None:
@@ -68,7 +59,7 @@ async def test_cancel_of_a_running_message_ends_it_at_its_last_stored_seq(store:
         frames = await log_frames(store, mid)
         assert frames[-1] == {"type": "cancelled", "message_id": mid, "seq": 2}
         assert [f["seq"] for f in frames] == [1, 2, 2]
-        assert await store.message_owner(mid) == ("u", "cancelled")
+        assert await store.message_owner(mid) == ("u", "cancelled", "s")
         assert await store.redis.get(keys.grace_record(mid)) == b"cancelled"
         assert await store.redis.exists(keys.cancel_key(mid)), "the key still stops the worker"
 
@@ -93,7 +84,7 @@ async def test_cancel_of_a_running_message_ends_it_at_its_last_stored_seq(store:
     # The worker's own end only saves the text the client saw; no second terminal.
     assert await finish_done(store, mid, attempt, 3, "one two ") == "cancelled_before"
     assert [f["type"] for f in await log_frames(store, mid)] == ["chunk", "chunk", "cancelled"]
-    answer = await store.redis.hget(keys.answers("u", "s"), mid)
+    answer = await store.redis.hget(KEYSPACE.answers("u", "s"), mid)
     assert answer is not None and msgspec.json.decode(answer) == {"text": "one two ", "status": "cancelled"}
     assert not await store.redis.exists(keys.cancel_key(mid))
     # Duplicate clicks: already cancelled, never an error, never a second terminal.
@@ -131,7 +122,7 @@ async def test_a_resent_chunk_is_answered_written_and_stored_once(store: Store) 
 async def test_another_users_cancel_touches_nothing(store: Store) -> None:
     mid, attempt = await running_message(store, user="owner")
     assert await store.cancel(mid, "intruder", "user") == ("not_found", "")
-    assert await store.message_owner(mid) == ("owner", "running")
+    assert await store.message_owner(mid) == ("owner", "running", "s")
     assert await append(store, mid, attempt, 1, "still ") == "written"
 
 
@@ -148,9 +139,9 @@ async def test_text_of_a_message_cancelled_while_its_worker_was_dead_is_saved_on
     mid, attempt = await running_message(store)
     assert await append(store, mid, attempt, 1, "kept ") == "written"
     assert await store.cancel(mid, "u", "user") == ("cancelling", WORKER)
-    await store.save_cancelled_answer(mid, await store.partial_text(mid))
-    await store.save_cancelled_answer(mid, "something else")
-    answer = await store.redis.hget(keys.answers("u", "s"), mid)
+    await store.save_cancelled_answer(mid, await store.partial_text(mid), "u", "s")
+    await store.save_cancelled_answer(mid, "something else", "u", "s")
+    answer = await store.redis.hget(KEYSPACE.answers("u", "s"), mid)
     assert answer is not None and msgspec.json.decode(answer) == {"text": "kept ", "status": "cancelled"}
 
 
@@ -161,7 +152,7 @@ async def test_polling_baseline_only_sets_the_key_and_the_worker_ends_the_messag
         mid, attempt = await running_message(store)
         assert await append(store, mid, attempt, 1, "a ") == "written"
         assert await store.cancel(mid, "u", "user") == ("cancelling", WORKER)
-        assert await store.message_owner(mid) == ("u", "running")
+        assert await store.message_owner(mid) == ("u", "running", "s")
         assert await store.redis.exists(keys.cancel_key(mid))
         assert await append(store, mid, attempt, 2, "b ") == "written"
         # The worker ends it on its own (the Stop raced the last token): cancelled, same seq.
@@ -177,13 +168,19 @@ async def test_session_turns_are_those_of_earlier_messages_only(store: Store) ->
     first, attempt = await running_message(store, session="hist")
     assert await append(store, first, attempt, 1, "one ") == "written"
     assert await finish_done(store, first, attempt, 1, "one ") == "ended"
+    stopped, attempt = await running_message(store, session="hist")
+    assert await append(store, stopped, attempt, 1, "par") == "written"
+    assert (await store.cancel(stopped, "u", "user"))[0] == "cancelling"
+    await store.finish(stopped, WORKER, attempt, Cancelled(message_id=stopped, seq=1), "par", user="u", session_id="hist")
     second, _ = await running_message(store, session="hist")
     assert await store.session_turns("u", "hist", before=second) == [
-        ("user", "hi", first),
-        ("assistant", "one ", first),
+        HistoryTurn(first, "user", "hi", "complete"),
+        HistoryTurn(first, "assistant", "one ", "complete"),
+        HistoryTurn(stopped, "user", "hi", "complete"),
+        HistoryTurn(stopped, "assistant", "par", "cancelled"),
     ]
     assert await store.session_turns("u", "hist", before=first) == []
-    assert [(t.message_id, t.role) for t in await store.history("u", "hist")][2:] == [
+    assert [(t.message_id, t.role) for t in await store.history("u", "hist")][4:] == [
         (second, "user"),
         (second, "assistant"),  # streaming, no text yet
     ]

@@ -4,10 +4,7 @@ worker subscribes again, reads the cancel keys it may have missed, and takes pus
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator
 
-import pytest
 import redis.asyncio as aioredis
 
 from protocol.jobs import Job
@@ -20,18 +17,9 @@ from worker.job import Running
 from worker.runner import Worker
 
 
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[Store]:
-    s = Store(connect(redis_url))
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
 async def running_job(store: Store, w: Worker) -> tuple[str, Running]:
     """A long job, submitted and running on `w`."""
-    mid = f"m-{time.time_ns()}"
+    mid = store.new_message_id("u")
     job = Job(message_id=mid, user="u", session_id=mid, text="hi", max_tokens=10_000, created_ms=0)
     assert (await store.submit(job)).outcome == "ok"
     await wait_until(lambda: mid in w.running)

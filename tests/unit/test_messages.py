@@ -39,6 +39,14 @@ CLIENT_CASES = [
         {"type": "chat", "session_id": "s", "text": "hi", "request_id": "r", "max_tokens": 7},
         Chat(session_id="s", text="hi", request_id="r", max_tokens=7),
     ),
+    (
+        {"type": "chat", "session_id": "s", "text": "hi", "temperature": 0, "seed": -(2**63)},
+        Chat(session_id="s", text="hi", temperature=0.0, seed=-(2**63)),
+    ),
+    (
+        {"type": "chat", "session_id": "s", "text": "hi", "temperature": 2, "seed": 2**63 - 1},
+        Chat(session_id="s", text="hi", temperature=2.0, seed=2**63 - 1),
+    ),
     ({"type": "cancel", "message_id": "m1"}, Cancel(message_id="m1")),
     ({"type": "cancel", "session_id": "s"}, Cancel(session_id="s")),
     ({"type": "cancel", "message_id": "m1", "session_id": "s"}, Cancel(message_id="m1", session_id="s")),
@@ -70,6 +78,12 @@ BAD = [
     ('{"type": "chat", "session_id": "s", "text": "x", "max_tokens": 0}', "max_tokens"),
     ('{"type": "chat", "session_id": "s", "text": "x", "max_tokens": "3"}', "max_tokens"),
     ('{"type": "chat", "session_id": "s", "text": "x", "extra": 1}', "extra"),
+    ('{"type": "chat", "session_id": "s", "text": "x", "temperature": 2.01}', "temperature must be between 0 and 2"),
+    ('{"type": "chat", "session_id": "s", "text": "x", "temperature": -0.5}', "temperature must be between 0 and 2"),
+    ('{"type": "chat", "session_id": "s", "text": "x", "temperature": "warm"}', "temperature"),
+    ('{"type": "chat", "session_id": "s", "text": "x", "seed": 1.5}', "seed"),
+    ('{"type": "chat", "session_id": "s", "text": "x", "seed": true}', "seed"),
+    ('{"type": "chat", "session_id": "s", "text": "x", "seed": 9223372036854775808}', "seed must be a signed 64-bit"),
     ('{"type": "resume", "message_id": "m"}', "after_seq"),
     ('{"type": "resume", "message_id": "m", "after_seq": -1}', "after_seq"),
     ('{"type": "resume", "message_id": "m", "after_seq": 1.5}', "after_seq"),
@@ -100,6 +114,13 @@ def test_limits_on_text_and_max_tokens_echo_request_id() -> None:
     with pytest.raises(BadRequest, match="between 1 and 10"):
         decode_client('{"type":"chat","session_id":"s","text":"1","max_tokens":11}', limits)
     assert decode_client('{"type":"chat","session_id":"s","text":"12345","max_tokens":10}', limits)
+
+
+def test_sampling_range_errors_echo_request_id() -> None:
+    for field in ('"temperature": 3', '"seed": -9223372036854775809'):
+        with pytest.raises(BadRequest) as info:
+            decode_client('{"type":"chat","session_id":"s","text":"x","request_id":"r2",' + field + "}")
+        assert info.value.request_id == "r2"
 
 
 def test_request_id_is_echoed_on_validation_errors() -> None:

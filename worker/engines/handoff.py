@@ -1,8 +1,8 @@
 """Items from a generation thread to the event loop, waking the loop at most once per window.
 
 Handing over every token with `call_soon_threadsafe` wakes the event loop once per token, and
-each wake-up takes the GIL from the thread that runs the model: at ~1,600 tokens/s that alone
-slowed generation by about a tenth. Here the thread appends to a deque and wakes the loop only
+each wake-up takes the GIL from the thread that runs the model, which slows a fast model
+(docs/PERFORMANCE.md). Here the thread appends to a deque and wakes the loop only
 when no wake-up is already on its way; the loop releases what has gathered at once if the
 previous release is at least `window_s` old, else at the end of that window (the same rule as
 `protocol.coalesce`). While items keep coming, the loop's own tick at the end of each window

@@ -1,5 +1,11 @@
 """The llama.cpp engine (llama-cpp-python), by default on the tiny built-in model.
 
+Prompts are rendered with the model's own chat template (GGUF metadata, through
+llama-cpp-python's `Jinja2ChatFormatter`); `worker.prompt` chooses the turns that fit the
+context. Generation stops at an end-of-generation token, and at the template's end-of-turn
+token too when llama.cpp does not mark it as one. Each request may set its temperature
+(0: greedy) and seed; the engine's own are the defaults.
+
 All model work runs on one dedicated thread per engine, so one engine instance runs one
 generation at a time (a second `generate` waits for the first). The thread hands its
 pieces to the event loop through a `Handoff`, which wakes the loop at most once per
@@ -17,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +31,15 @@ from typing import Any, Literal
 
 import llama_cpp
 import numpy as np
+import structlog
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from protocol import coalesce
+from worker import prompt
 from worker.cancel_token import CancelToken, Phase
-from worker.engines.base import Finish, GenerationRequest, Turn
+from worker.engines.base import DEFAULT_TEMPERATURE, Finish, GenerationRequest
 from worker.engines.handoff import Handoff
-from worker.model import ensure_builtin_model
+from worker.model.choice import BUILTIN, ModelFile, model_file, resolve_model
 
 _BANNED_ATTRS = (
     llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
@@ -42,6 +50,7 @@ _BANNED_ATTRS = (
 _ABORTED = "llama_decode returned 2"  # llama.cpp: 2 = aborted by the abort callback
 
 _log = logging.getLogger("tokenrelay.llama_cpp")
+log = structlog.get_logger("worker.llama")
 _GGML_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # DEBUG, INFO, CONT: DEBUG
 _thread_state = threading.local()
 
@@ -71,7 +80,7 @@ class GenerationStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     history_dropped: int = 0
-    text_truncated: bool = False
+    """Earlier exchanges left out of the prompt to fit the context."""
     prefill_aborted: bool = False
     finish: str = ""
     """"stop", "length", "cancelled" or "error" once the job is over."""
@@ -114,13 +123,14 @@ class LlamaEngine:
 
     def __init__(
         self,
-        model_path: str | os.PathLike[str] | None = None,
+        model: ModelFile | str | os.PathLike[str] | None = None,
         *,
         n_ctx: int = 2048,
         n_threads: int | None = None,
         n_gpu_layers: int = 0,
-        seed: int = 0,
-        temperature: float = 0.8,
+        system_prompt: str | None = None,
+        seed: int | None = None,
+        temperature: float = DEFAULT_TEMPERATURE,
         top_k: int = 40,
         top_p: float = 0.95,
         min_p: float = 0.05,
@@ -128,12 +138,18 @@ class LlamaEngine:
         n_ubatch: int = 128,
         handoff_window_s: float = coalesce.WINDOW_S,
     ) -> None:
-        self._model_path = Path(model_path) if model_path is not None else None
+        """`model`: a resolved `ModelFile`, a GGUF path, or None for the built-in model.
+        `seed` None: a random seed per generation (unless the request gives one)."""
+        self.model_file: ModelFile | None = model if isinstance(model, ModelFile) else None
+        self._model_path = Path(model) if model is not None and not isinstance(model, ModelFile) else None
+        self.model = self.model_file.name if self.model_file else (self._model_path.stem if self._model_path else BUILTIN)
         self.n_ctx = n_ctx
         self._n_threads = n_threads
         self._n_gpu_layers = n_gpu_layers
+        self._system_prompt = system_prompt or None
         self._seed = seed
-        self._sampling = (temperature, top_k, top_p, min_p)
+        self._temperature = temperature
+        self._cutoffs = (top_k, top_p, min_p)
         self._n_batch = n_batch
         self._n_ubatch = n_ubatch
         self._handoff_window_s = handoff_window_s
@@ -141,9 +157,14 @@ class LlamaEngine:
         self._llm: llama_cpp.Llama | None = None
         self._vocab: Any = None
         self._formatter: Jinja2ChatFormatter | None = None
+        self._stop_tokens: frozenset[int] = frozenset()
+        """End-of-turn tokens that llama.cpp does not mark end-of-generation."""
+        self.end_of_turn: str | None = None
         self._bias: Any = None  # ctypes array of llama_logit_bias
         self._abort_cb: Any = None  # keeps the ctypes callback alive
         self._active: _Job | None = None
+        self._canonical = 0
+        """Leading KV-cache tokens evaluated exactly as a fresh prompt evaluation would."""
         self.last_stats: GenerationStats | None = None
         """Stats of the latest job (live while it runs)."""
 
@@ -151,7 +172,21 @@ class LlamaEngine:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         await loop.run_in_executor(self._executor, self._load)
+        assert self.model_file is not None
+        log.info(
+            "model_loaded",
+            model=self.model,
+            path=str(self.model_file.path),
+            sha256=self.model_file.sha256[:12],
+            n_ctx=self.n_ctx,
+            n_gpu_layers=self._n_gpu_layers,
+            chat_template=self._formatter is not None,
+            end_of_turn=self.end_of_turn,
+            extra_stop_tokens=sorted(self._stop_tokens),
+            load_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
 
     async def close(self) -> None:
         if self._active is not None:
@@ -162,30 +197,49 @@ class LlamaEngine:
 
     def _load(self) -> None:
         llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
-        path = self._model_path or ensure_builtin_model()
+        if self.model_file is None:
+            path = self._model_path
+            self.model_file = resolve_model(BUILTIN) if path is None else model_file(path)
         llm = llama_cpp.Llama(
-            model_path=str(path),
+            model_path=str(self.model_file.path),
             n_ctx=self.n_ctx,
             n_batch=self._n_batch,
             n_ubatch=self._n_ubatch,
             n_threads=self._n_threads,
             n_threads_batch=self._n_threads,
             n_gpu_layers=self._n_gpu_layers,
-            seed=self._seed,
             verbose=False,
         )
         self._llm = llm
         self.n_ctx = llm.n_ctx()
         self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
         self._abort_cb = llama_cpp.ggml_abort_callback(self._should_abort)
-        self._bias = self._banned_token_bias()
         template = llm.metadata.get("tokenizer.chat_template")
         if template:
-            self._formatter = Jinja2ChatFormatter(
-                template=template,
-                eos_token=self._token_text(llm.token_eos()),
-                bos_token=self._token_text(llm.token_bos()),
-            )
+            self._formatter = self._chat_formatter(template, add_generation_prompt=True)
+            closing = self._chat_formatter(template, add_generation_prompt=False)
+            self.end_of_turn = prompt.end_of_turn(lambda messages: closing(messages=messages).prompt)  # type: ignore[arg-type]
+            self._stop_tokens = self._end_of_turn_tokens(self.end_of_turn)
+        self._bias = self._banned_token_bias()
+
+    def _chat_formatter(self, template: str, *, add_generation_prompt: bool) -> Jinja2ChatFormatter:
+        llm = self._require_llm()
+        return Jinja2ChatFormatter(
+            template=template,
+            eos_token=self._token_text(llm.token_eos()),
+            bos_token=self._token_text(llm.token_bos()),
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def _end_of_turn_tokens(self, marker: str | None) -> frozenset[int]:
+        """The end-of-turn marker's token, when it is one token that llama.cpp does not
+        already treat as end-of-generation (for ChatML's `<|im_end|>` it usually does)."""
+        if marker is None:
+            return frozenset()
+        tokens = self._require_llm().tokenize(marker.encode(), add_bos=False, special=True)
+        if len(tokens) != 1 or llama_cpp.llama_vocab_is_eog(self._vocab, tokens[0]):
+            return frozenset()
+        return frozenset(tokens)
 
     def _free(self) -> None:
         if self._llm is not None:
@@ -194,12 +248,12 @@ class LlamaEngine:
         self._abort_cb = None
 
     def _banned_token_bias(self) -> Any:
-        """-inf bias for byte-fallback and control tokens, except end-of-generation ones."""
+        """-inf bias for byte-fallback and control tokens, except those that end the answer."""
         banned = [
             tok
             for tok in range(llama_cpp.llama_vocab_n_tokens(self._vocab))
             if llama_cpp.llama_vocab_get_attr(self._vocab, tok) & _BANNED_ATTRS
-            and not llama_cpp.llama_vocab_is_eog(self._vocab, tok)
+            and not self._ends_answer(tok)
         ]
         array = (llama_cpp.llama_logit_bias * len(banned))()
         for slot, tok in zip(array, banned):
@@ -222,19 +276,16 @@ class LlamaEngine:
 
     # prompt
 
-    def format_prompt(self, history: Sequence[Turn], text: str) -> str:
+    def format_prompt(self, messages: list[prompt.Message]) -> str:
         """The prompt text: the model's chat template, else a plain User/Assistant form."""
-        messages: list[dict[str, str]] = [{"role": t.role, "content": t.text} for t in history]
-        messages.append({"role": "user", "content": text})
         if self._formatter is not None:
             return self._formatter(messages=messages).prompt  # type: ignore[arg-type]
         lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
         return "\n".join(lines) + "\nAssistant:"
 
-    def _tokenize_prompt(self, history: Sequence[Turn], text: str) -> list[int]:
+    def _tokenize_prompt(self, messages: list[prompt.Message]) -> list[int]:
         llm = self._require_llm()
-        prompt = self.format_prompt(history, text)
-        tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        tokens = llm.tokenize(self.format_prompt(messages).encode("utf-8"), add_bos=False, special=True)
         bos = llm.token_bos()
         wants_bos = bos >= 0 and llama_cpp.llama_vocab_get_add_bos(self._vocab)
         if wants_bos and (not tokens or tokens[0] != bos):
@@ -242,43 +293,20 @@ class LlamaEngine:
         return tokens
 
     def _fit_prompt(self, request: GenerationRequest, stats: GenerationStats) -> list[int]:
-        """Drop the oldest turns, then the start of the text, until the prompt fits.
+        """The latest turns that fit (`worker.prompt.fit`), as tokens; `PromptTooLong` if the
+        current turn alone does not."""
+        rendered: dict[int, list[int]] = {}
 
-        The prompt gets `n_ctx - max_tokens` tokens, but never less than a quarter of the
-        context; generation also ends with "length" when the context is full.
-        """
-        llm = self._require_llm()
-        budget = max(self.n_ctx - request.max_tokens, self.n_ctx // 4)
-        history = list(request.history)
-        while True:
-            tokens = self._tokenize_prompt(history, request.text)
-            if len(tokens) <= budget or not history:
-                break
-            history.pop(0)
-            stats.history_dropped += 1
-        text = request.text
-        text_tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-        cut = 0
-        while len(tokens) > budget and cut < len(text_tokens):
-            stats.text_truncated = True
-            cut = min(len(text_tokens), cut + len(tokens) - budget)
-            text = self._detokenize(text_tokens[cut:]).lstrip()
-            tokens = self._tokenize_prompt(history, text)
-        return tokens[-budget:]
+        def measure(messages: list[prompt.Message]) -> int:
+            tokens = self._tokenize_prompt(messages)
+            rendered[len(messages)] = tokens
+            return len(tokens)
 
-    def _detokenize(self, tokens: list[int]) -> str:
-        """One C call (llama-cpp-python's `detokenize` loops in Python, per token)."""
-        array = (llama_cpp.llama_token * len(tokens))(*tokens)
-        size = 8 * len(tokens) + 16
-        for _ in range(2):
-            buf = ctypes.create_string_buffer(size)
-            n = llama_cpp.llama_detokenize(
-                self._vocab, array, len(tokens), buf, size, False, False
-            )
-            if n >= 0:
-                return buf.raw[:n].decode("utf-8", errors="ignore")
-            size = -n
-        raise RuntimeError(f"llama_detokenize needs {size} bytes for {len(tokens)} tokens")
+        budget = prompt.prompt_budget(self.n_ctx, request.max_tokens)
+        system = self._system_prompt if request.system is None else request.system
+        fitted = prompt.fit(request.history, request.text, system, measure, budget, self.n_ctx)
+        stats.history_dropped = fitted.dropped
+        return rendered[len(fitted.messages)]
 
     # generation (async side)
 
@@ -337,15 +365,17 @@ class LlamaEngine:
     def _generate_sync(self, job: _Job) -> None:
         if job.stopped:  # cancelled while it waited for the previous job
             return
+        temperature, seed = self._sampling(job.request)
         tokens = self._fit_prompt(job.request, job.stats)
         job.stats.prompt_tokens = len(tokens)
         if job.stopped:
             return
         job.token.set_phase(Phase.PROMPT)
-        if not self._eval_prompt(job, self._reuse_prefix(tokens)):
+        exact = temperature <= 0 or seed is not None
+        if not self._eval_prompt(job, self._reuse_prefix(tokens, exact)):
             return
         job.token.set_phase(Phase.GENERATING)
-        sampler = self._new_sampler()
+        sampler = self._new_sampler(temperature, seed)
         try:
             self._decode_loop(job, sampler)
         finally:
@@ -364,7 +394,7 @@ class LlamaEngine:
                 self._finish(job, "length", decoder.decode(b"", final=True))
                 return
             tok = llama_cpp.llama_sampler_sample(sampler, llm.ctx, -1)
-            if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
+            if self._ends_answer(tok):
                 self._finish(job, "stop", decoder.decode(b"", final=True))
                 return
             stats.generated_tokens += 1
@@ -387,31 +417,34 @@ class LlamaEngine:
         job.stats.finish = reason
         job.emit(Finish(reason))
 
-    def _reuse_prefix(self, tokens: list[int]) -> list[int]:
-        """Keep the KV cache for the prefix shared with the previous job; return the rest."""
+    def _reuse_prefix(self, tokens: list[int], exact: bool) -> list[int]:
+        """Keep the KV cache for the prefix shared with the previous job (`prompt.reuse_length`:
+        only its canonical, aligned part when the request must be reproducible); return the rest."""
         llm = self._require_llm()
         limit = max(0, min(llm.n_tokens, len(tokens) - 1))  # evaluate one token at least
         differs = np.flatnonzero(llm.input_ids[:limit] != np.asarray(tokens[:limit]))
-        keep = int(differs[0]) if differs.size else limit
+        common = int(differs[0]) if differs.size else limit
+        keep = prompt.reuse_length(common, self._canonical, self._n_ubatch, exact)
         memory = llama_cpp.llama_get_memory(llm.ctx)
         if keep and not llama_cpp.llama_memory_seq_rm(memory, -1, keep, -1):
             keep = 0
         if not keep:
             self._reset_context()
         llm.n_tokens = keep
+        self._canonical = prompt.canonical_after(keep, self._canonical, len(tokens), self._n_ubatch)
         return tokens[keep:]
 
     def _reset_context(self) -> None:
         llm = self._require_llm()
         llm.n_tokens = 0
+        self._canonical = 0
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
 
     def _eval_prompt(self, job: _Job, tokens: list[int]) -> bool:
         """`_eval` with llama.cpp's abort callback attached, so a cancel stops a long prompt
         evaluation. llama.cpp calls it after every graph node, and a Python callback takes the
-        GIL each time (~45 times per token on the built-in model, a fifth of the decode time,
-        and more while the event loop holds the GIL): it is detached for decoding, where the
-        cancel flag is read after every token."""
+        GIL each time (dozens of times per token: docs/PERFORMANCE.md): it is detached for
+        decoding, where the cancel flag is read after every token."""
         llm = self._require_llm()
         llama_cpp.llama_set_abort_callback(llm.ctx, self._abort_cb, None)
         try:
@@ -434,8 +467,17 @@ class LlamaEngine:
             _thread_state.aborting = False
         return True
 
-    def _new_sampler(self) -> Any:
-        temperature, top_k, top_p, min_p = self._sampling
+    def _ends_answer(self, tok: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, tok)) or tok in self._stop_tokens
+
+    def _sampling(self, request: GenerationRequest) -> tuple[float, int | None]:
+        """(temperature, seed): the request's, else the engine's."""
+        temperature = self._temperature if request.temperature is None else request.temperature
+        return temperature, self._seed if request.seed is None else request.seed
+
+    def _new_sampler(self, temperature: float, seed: int | None) -> Any:
+        """Banned tokens, then greedy (temperature 0) or top-k, top-p, min-p, temperature and a
+        seeded draw."""
         chain = llama_cpp.llama_sampler_chain_init(
             llama_cpp.llama_sampler_chain_default_params()
         )
@@ -443,12 +485,18 @@ class LlamaEngine:
             llama_cpp.llama_sampler_init_logit_bias(
                 llama_cpp.llama_vocab_n_tokens(self._vocab), len(self._bias), self._bias
             ),
-            llama_cpp.llama_sampler_init_top_k(top_k),
-            llama_cpp.llama_sampler_init_top_p(top_p, 1),
-            llama_cpp.llama_sampler_init_min_p(min_p, 1),
-            llama_cpp.llama_sampler_init_temp(temperature),
-            llama_cpp.llama_sampler_init_dist(self._seed),
         ]
+        if temperature <= 0:
+            stages.append(llama_cpp.llama_sampler_init_greedy())
+        else:
+            top_k, top_p, min_p = self._cutoffs
+            stages += [
+                llama_cpp.llama_sampler_init_top_k(top_k),
+                llama_cpp.llama_sampler_init_top_p(top_p, 1),
+                llama_cpp.llama_sampler_init_min_p(min_p, 1),
+                llama_cpp.llama_sampler_init_temp(temperature),
+                llama_cpp.llama_sampler_init_dist(llama_seed(seed)),
+            ]
         for stage in stages:
             llama_cpp.llama_sampler_chain_add(chain, stage)
         return chain
@@ -457,3 +505,9 @@ class LlamaEngine:
         if self._llm is None:
             raise RuntimeError("LlamaEngine is not started (or already closed)")
         return self._llm
+
+
+def llama_seed(seed: int | None) -> int:
+    """llama.cpp seeds are 32-bit and 0xFFFFFFFF means "random": any other integer maps into
+    0..0xFFFFFFFE."""
+    return llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed % llama_cpp.LLAMA_DEFAULT_SEED

@@ -1,14 +1,13 @@
 """Deterministic text at a fixed rate, for load tests and benchmarks.
 
-Emits exactly `max_tokens` tokens at `rate` tokens per second, then `Finish("length")`. The
-pause between tokens wakes at once on cancel, so a cancel costs no more than one timer hop.
+Emits exactly `max_tokens` tokens at `rate` tokens per second, then `Finish("length")`, whatever
+the request's history and sampling fields. The pause between tokens wakes at once on cancel,
+so a cancel costs no more than one timer hop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import zlib
 from collections.abc import AsyncIterator
 
@@ -76,18 +75,13 @@ def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
         return False
 
 
-CRASH_ENV = "TOKENRELAY_SYNTHETIC_CRASH_ON"
-"""Fault injection for chaos tests: a job whose text equals this variable's value kills the
-worker process (SIGKILL) before its first token: a poison job."""
-
-
 class SyntheticEngine:
     name = "synthetic"
+    model = "synthetic"
     coalesces = False
 
     def __init__(self, rate: float = 20.0) -> None:
         self.rate = rate
-        self.crash_on = os.environ.get(CRASH_ENV) or None
 
     async def start(self) -> None:
         return None
@@ -119,8 +113,6 @@ class SyntheticEngine:
                 await asyncio.sleep(0)
             if token.cancelled:
                 return
-            if index == 0 and request.text == self.crash_on:
-                os.kill(os.getpid(), signal.SIGKILL)
             yield _token(seed, index)
         token.set_phase(Phase.FINISHED)
         yield Finish("length")

