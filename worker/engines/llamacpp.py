@@ -1,6 +1,7 @@
 """The one adapter around llama.cpp's C API (llama-cpp-python's low-level ctypes bindings).
 
-Everything the batched engine asks of llama.cpp goes through here: loading a model, one context
+Everything the llama engines ask of llama.cpp's C functions goes through here: loading a model,
+its vocabulary and chat format (template, end-of-turn stop, banned tokens), one context
 holding several sequences (`n_seq_max`, each with its own KV stream), `llama_batch` building,
 `llama_decode` with its return codes, per-sequence sampler chains, removing one sequence's KV
 cells (`llama_memory_seq_rm`), token pieces and end-of-generation checks, requantizing a GGUF,
@@ -19,18 +20,32 @@ import enum
 import logging
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from worker import prompt
+from worker.engines.base import GenerationRequest
+
+if TYPE_CHECKING:  # worker.model imports this module (the Q4_0 copy of the default model)
+    from worker.model.choice import ModelFile
 
 _log = logging.getLogger("tokenrelay.llama_cpp")
 _GGML_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml: 1 DEBUG, 2 INFO, 3 WARN, 4 ERROR, 5 CONT
+_thread_state = threading.local()
 
 
 def _on_llama_log(level: int, text: bytes, _user_data: object) -> None:
+    """llama.cpp log lines → `logging` (llama-cpp-python's own hook maps an older ggml level
+    enum and prints warnings to stderr even with verbose=False)."""
     py_level = _GGML_LOG_LEVELS.get(level, logging.DEBUG)
+    if getattr(_thread_state, "quiet", False):
+        py_level = logging.DEBUG
     if _log.isEnabledFor(py_level):
         _log.log(py_level, "%s", text.decode("utf-8", errors="replace").rstrip())
 
@@ -84,42 +99,28 @@ def route_logs() -> None:
     llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
-class Model:
-    """Weights and vocabulary of one GGUF file."""
+def quiet_logs(quiet: bool) -> None:
+    """While set on a thread, llama.cpp's lines logged from it are DEBUG: for a decode that
+    thread aborts on purpose (llama.cpp notes that it drops the aborted batch)."""
+    _thread_state.quiet = quiet
 
-    def __init__(self, path: str | os.PathLike[str], *, n_gpu_layers: int = 0) -> None:
-        route_logs()
-        llama_cpp.llama_backend_init()
-        params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
-        model = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
-        if not model:
-            raise LlamaCppError(f"llama.cpp could not load {path}")
-        self.path = Path(path)
-        self.ptr: Any = model
-        self.vocab: Any = llama_cpp.llama_model_get_vocab(model)
-        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
-        self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
-        self.eos = int(llama_cpp.llama_vocab_eos(self.vocab))
-        self.adds_bos = self.bos >= 0 and bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+
+def model_chat_template(model: Any) -> str | None:
+    """A loaded model's default chat template (GGUF `tokenizer.chat_template`), if it has one."""
+    raw = llama_cpp.llama_model_chat_template(model, None)
+    return raw.decode("utf-8") if raw else None
+
+
+class Vocab:
+    """A loaded model's vocabulary: tokenizing, token pieces, end-of-generation tokens."""
+
+    def __init__(self, vocab: Any) -> None:
+        self.vocab: Any = vocab
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
+        self.bos = int(llama_cpp.llama_vocab_bos(vocab))
+        self.eos = int(llama_cpp.llama_vocab_eos(vocab))
+        self.adds_bos = self.bos >= 0 and bool(llama_cpp.llama_vocab_get_add_bos(vocab))
         self._piece = ctypes.create_string_buffer(256)
-
-    def close(self) -> None:
-        if self.ptr:
-            llama_cpp.llama_model_free(self.ptr)
-            self.ptr = None
-
-    def description(self) -> str:
-        """llama.cpp's one-line description: architecture, size and weight type
-        ("llama ?B Q4_0")."""
-        buf = ctypes.create_string_buffer(256)
-        n = llama_cpp.llama_model_desc(self.ptr, buf, len(buf))
-        return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
-
-    def chat_template(self) -> str | None:
-        """The GGUF's default chat template (`tokenizer.chat_template`), if it has one."""
-        raw = llama_cpp.llama_model_chat_template(self.ptr, None)
-        return raw.decode("utf-8") if raw else None
 
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
         """`text` as tokens, without BOS; `special`: `<|im_start|>` and the like are tokens."""
@@ -167,6 +168,123 @@ class Model:
             and not self.is_eog(tok)
             and tok not in kept
         ]
+
+
+class Model(Vocab):
+    """Weights and vocabulary of one GGUF file."""
+
+    def __init__(self, path: str | os.PathLike[str], *, n_gpu_layers: int = 0) -> None:
+        route_logs()
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        model = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
+        if not model:
+            raise LlamaCppError(f"llama.cpp could not load {path}")
+        self.path = Path(path)
+        self.ptr: Any = model
+        super().__init__(llama_cpp.llama_model_get_vocab(model))
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def description(self) -> str:
+        """llama.cpp's one-line description: architecture, size and weight type
+        ("llama ?B Q4_0")."""
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_model_desc(self.ptr, buf, len(buf))
+        return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
+
+    def chat_template(self) -> str | None:
+        return model_chat_template(self.ptr)
+
+
+class ChatFormat:
+    """How prompts for one model are written and where its answers end.
+
+    Prompts use the model's own chat template (through llama-cpp-python's
+    `Jinja2ChatFormatter`), else `prompt.plain_form`. An answer ends at an end-of-generation
+    token, and at the template's end-of-turn token too when llama.cpp does not mark it as one.
+    `banned`: control and byte-fallback tokens no answer may contain (those that end one are
+    allowed)."""
+
+    def __init__(self, vocab: Vocab, template: str | None) -> None:
+        self.vocab = vocab
+        self._formatter: Jinja2ChatFormatter | None = None
+        self.end_of_turn: str | None = None
+        self.stop_tokens: frozenset[int] = frozenset()
+        """End-of-turn tokens that llama.cpp does not mark end-of-generation."""
+        if template:
+            self._formatter = self._chat_formatter(template, add_generation_prompt=True)
+            closing = self._chat_formatter(template, add_generation_prompt=False)
+            self.end_of_turn = prompt.end_of_turn(lambda messages: closing(messages=messages).prompt)  # type: ignore[arg-type]
+            self.stop_tokens = self._end_of_turn_tokens(self.end_of_turn)
+        self.banned = vocab.unprintable(keep=self.stop_tokens)
+
+    def _chat_formatter(self, template: str, *, add_generation_prompt: bool) -> Jinja2ChatFormatter:
+        return Jinja2ChatFormatter(
+            template=template,
+            eos_token=self.vocab.token_text(self.vocab.eos),
+            bos_token=self.vocab.token_text(self.vocab.bos),
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def _end_of_turn_tokens(self, marker: str | None) -> frozenset[int]:
+        """The end-of-turn marker's token, when it is one token that llama.cpp does not
+        already treat as end-of-generation (for ChatML's `<|im_end|>` it usually does)."""
+        if marker is None:
+            return frozenset()
+        tokens = self.vocab.tokenize(marker)
+        if len(tokens) != 1 or self.vocab.is_eog(tokens[0]):
+            return frozenset()
+        return frozenset(tokens)
+
+    @property
+    def has_template(self) -> bool:
+        return self._formatter is not None
+
+    def render(self, messages: list[prompt.Message]) -> str:
+        if self._formatter is not None:
+            return self._formatter(messages=messages).prompt  # type: ignore[arg-type]
+        return prompt.plain_form(messages)
+
+    def tokens(self, messages: list[prompt.Message]) -> list[int]:
+        return self.vocab.with_bos(self.vocab.tokenize(self.render(messages)))
+
+    def fit(self, request: GenerationRequest, n_ctx: int, system: str | None) -> tuple[list[int], int]:
+        """(prompt tokens, earlier exchanges left out): the latest turns that fit a context of
+        `n_ctx` (`prompt.fit`), with the request's system prompt, else `system`;
+        `PromptTooLong` if the current turn alone does not fit."""
+        rendered: dict[int, list[int]] = {}
+
+        def measure(messages: list[prompt.Message]) -> int:
+            rendered[len(messages)] = self.tokens(messages)
+            return len(rendered[len(messages)])
+
+        budget = prompt.prompt_budget(n_ctx, request.max_tokens)
+        chosen = system if request.system is None else request.system
+        fitted = prompt.fit(request.history, request.text, chosen, measure, budget, n_ctx)
+        return rendered[len(fitted.messages)], fitted.dropped
+
+    def ends_answer(self, token: int) -> bool:
+        return self.vocab.is_eog(token) or token in self.stop_tokens
+
+
+def log_model_loaded(log: Any, model: ModelFile, chat: ChatFormat, started: float, **fields: object) -> None:
+    """The engines' one `model_loaded` line: which file (its sha256), how prompts end."""
+    log.info(
+        "model_loaded",
+        model=model.name,
+        path=str(model.path),
+        sha256=model.sha256[:12],
+        **fields,
+        chat_template=chat.has_template,
+        end_of_turn=chat.end_of_turn,
+        extra_stop_tokens=sorted(chat.stop_tokens),
+        load_ms=round((time.perf_counter() - started) * 1000, 1),
+    )
 
 
 class Context:
@@ -285,7 +403,7 @@ class Sampler:
 
     def __init__(
         self,
-        model: Model,
+        vocab: Vocab,
         *,
         banned: list[int],
         temperature: float,
@@ -299,7 +417,7 @@ class Sampler:
         for slot, tok in zip(bias, banned):
             slot.token = tok
             slot.bias = float("-inf")
-        stages = [llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(banned), bias)]
+        stages = [llama_cpp.llama_sampler_init_logit_bias(vocab.n_vocab, len(banned), bias)]
         if temperature <= 0:
             stages.append(llama_cpp.llama_sampler_init_greedy())
         else:
@@ -314,9 +432,11 @@ class Sampler:
             llama_cpp.llama_sampler_chain_add(chain, stage)
         self.ptr: Any = chain
 
-    def sample(self, context: Context, index: int) -> int:
-        """Draw (and accept) a token from the logits of batch entry `index` of the last decode."""
-        return int(llama_cpp.llama_sampler_sample(self.ptr, context.ptr, index))
+    def sample(self, context: Context | Any, index: int) -> int:
+        """Draw (and accept) a token from the logits of batch entry `index` of the last decode
+        (-1: the last one) of `context`, a `Context` or a bare llama_context pointer."""
+        ptr = context.ptr if isinstance(context, Context) else context
+        return int(llama_cpp.llama_sampler_sample(self.ptr, ptr, index))
 
     def close(self) -> None:
         if self.ptr:
