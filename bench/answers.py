@@ -13,6 +13,7 @@ import asyncio
 import re
 from pathlib import Path
 
+from protocol.logconfig import configure_logging
 from worker.cancel_token import CancelToken
 from worker.engines.base import GenerationRequest
 from worker.engines.batched import BatchedLlamaEngine
@@ -59,9 +60,10 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.3)
     parser.add_argument("--max-tokens", type=int, default=60)
     args = parser.parse_args()
-    from bench.smollm2 import smollm2_q4_0, smollm2_q4_1
+    configure_logging("warning", process="bench")  # the engine logs a line per answer
+    from worker.model.smollm2 import ensure_smollm2, ensure_smollm2_q4_0
 
-    files = {"Q4_1": smollm2_q4_1(), "Q4_0": smollm2_q4_0()}
+    files = {"Q4_1": ensure_smollm2(), "Q4_0": ensure_smollm2_q4_0()}
     greedy = {k: asyncio.run(ask(p, 0.0, [None], args.max_tokens)) for k, p in files.items()}
     sampled = {k: asyncio.run(ask(p, args.temperature, list(range(args.seeds)), args.max_tokens))
                for k, p in files.items()}

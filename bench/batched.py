@@ -1,10 +1,11 @@
-"""Batched decoding through the whole system: one `--batched` llama worker serving many chats.
+"""Batched decoding through the whole system: one llama worker at `--concurrency 8` (the batched
+engine) serving many chats.
 
 For each model file (SmolLM2-135M-Instruct as shipped, Q4_1, and its Q4_0 copy), in rounds,
 on one gateway:
 - the engine alone, in the benchmark's process: n chats decoded together, no relay;
-- baseline: a worker at `--batched --concurrency 1` answers chats one at a time (before and
-  after the next one);
+- baseline: a worker at `--concurrency 1` (the one-at-a-time engine) answers chats one at a
+  time (before and after the next one);
 - the same worker at `--concurrency 8`: 1, 2, 4 and 8 chats sent at once (relay clients, one
   connection each). Aggregate tokens/s = all their tokens / (last terminal − send); per chat =
   a chat's tokens / (its terminal − its send); time to first chunk from its send;
@@ -17,7 +18,7 @@ on one gateway:
 
 Prompts ask for long stories and answers are capped at `TOKENS`, so nearly every chat ends
 with `length` (exactly `TOKENS` tokens); one that ends earlier is counted by re-tokenizing its
-text with the model. Sampling is the worker's default (temperature 0.8, random seed). The
+text with the model. Sampling is the worker's default (`DEFAULT_TEMPERATURE`, random seed). The
 machine is shared: each round measures both workers back to back, figures are medians over
 rounds, and the CPU that other processes used meanwhile is reported.
 """
@@ -82,10 +83,10 @@ THREADS: int | None = None
 
 
 async def _start_worker(cluster: Cluster, model: Path | None, concurrency: int) -> Server:
-    extra = ["--model", str(model)] if model is not None else []
+    extra = ["--model", str(model) if model is not None else "builtin"]
     if THREADS is not None:
         extra += ["--n-threads", str(THREADS)]
-    worker = cluster.add_worker("--engine", "llama", "--batched", "--concurrency", str(concurrency),
+    worker = cluster.add_worker("--engine", "llama", "--concurrency", str(concurrency),
                                 "--n-ctx", str(N_CTX), *extra)
     await cluster.wait_ready(120)
     return worker
@@ -318,9 +319,9 @@ def _summary(results: list[dict[str, Any]], chats: tuple[int, ...]) -> dict[str,
 def _models(quick: bool) -> list[tuple[str, Path | None]]:
     if quick:
         return [("builtin", None)]
-    from bench.smollm2 import smollm2_q4_0, smollm2_q4_1
+    from worker.model.smollm2 import ensure_smollm2, ensure_smollm2_q4_0
 
-    return [("Q4_1", smollm2_q4_1()), ("Q4_0", smollm2_q4_0())]
+    return [("Q4_1", ensure_smollm2()), ("Q4_0", ensure_smollm2_q4_0())]
 
 
 def run(quick: bool = False) -> tuple[Figures, list[Row]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
-from bench.smollm2 import smollm2_q4_0, smollm2_q4_1
+from worker.model.smollm2 import ensure_smollm2, ensure_smollm2_q4_0
 from worker.engines.llamacpp import (
     Batch, Context, DecodeError, DecodeStatus, Model, Sampler, requantize, requantized_path,
 )
@@ -35,7 +35,7 @@ def builtin() -> Iterator[Model]:
 
 @pytest.fixture(scope="module")
 def smollm2() -> Iterator[Model]:
-    model = Model(smollm2_q4_0())
+    model = Model(ensure_smollm2_q4_0())
     yield model
     model.close()
 
@@ -198,7 +198,7 @@ def test_a_seeded_sampler_draws_the_same_tokens_every_time(builtin: Model) -> No
 
 
 def test_requantize_writes_a_loadable_q4_0_once(tmp_path: Path) -> None:
-    shipped = smollm2_q4_1()
+    shipped = ensure_smollm2()
     target = requantize(shipped, tmp_path / "copy.Q4_0.gguf")
     model, original = Model(target), Model(shipped)
     try:

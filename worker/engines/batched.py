@@ -31,43 +31,29 @@ import asyncio
 import codecs
 import enum
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import structlog
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from protocol import coalesce
 from worker.cancel_token import CancelToken, Phase
-from worker.engines.base import Finish, GenerationRequest, Turn
+from worker.engines.base import DEFAULT_TEMPERATURE, Finish, GenerationRequest
 from worker.engines.handoff import Handoff
-from worker.engines.llamacpp import Batch, Context, DecodeError, LlamaCppError, Model, Sampler
-from worker.model import ensure_builtin_model
+from worker.engines.llamacpp import (
+    Batch, ChatFormat, Context, DecodeError, LlamaCppError, Model, Sampler, log_model_loaded,
+)
+from worker.model.choice import EngineModel, ModelFile, engine_model_file, engine_model_name
 
 _log = logging.getLogger("tokenrelay.batched")
 log = structlog.get_logger("worker.batched")
 
 _RECENT = 512
 """How many finished sequences' stats, and how many steps, the engine keeps for inspection."""
-
-
-class PromptTooLong(ValueError):
-    """Even without any earlier turn, the prompt needs `tokens` of the `budget` its context
-    leaves it (raised by `generate` before any text)."""
-
-    def __init__(self, tokens: int, budget: int, n_ctx: int) -> None:
-        super().__init__(
-            f"the message is too long for the model: its prompt needs {tokens} tokens, "
-            f"the context ({n_ctx} tokens) leaves {budget} for it; send a shorter text"
-        )
-        self.tokens = tokens
-        self.budget = budget
 
 
 @dataclass(slots=True)
@@ -196,13 +182,14 @@ class BatchedLlamaEngine:
 
     def __init__(
         self,
-        model_path: str | os.PathLike[str] | None = None,
+        model: EngineModel = None,
         *,
         n_seq: int = 8,
         n_ctx: int = 2048,
         n_threads: int | None = None,
         n_gpu_layers: int = 0,
-        temperature: float = 0.8,
+        system_prompt: str | None = None,
+        temperature: float = DEFAULT_TEMPERATURE,
         seed: int | None = None,
         top_k: int = 40,
         top_p: float = 0.95,
@@ -213,12 +200,18 @@ class BatchedLlamaEngine:
     ) -> None:
         if n_seq < 1 or prefill_chunk < 1:
             raise ValueError("n_seq and prefill_chunk must be at least 1")
-        self._model_path = Path(model_path) if model_path is not None else None
+        """`model`: a resolved `ModelFile`, a GGUF path, or None for the built-in model. `seed`
+        None: a random seed per request (unless the request gives one). `system_prompt`: for
+        requests without their own."""
+        self._model_arg = model
+        self.model_file: ModelFile | None = model if isinstance(model, ModelFile) else None
+        self.model = engine_model_name(model)
         self.n_seq = n_seq
         self.n_ctx = n_ctx
         """Tokens per sequence (prompt and answer); the context holds `n_seq` times that."""
         self._n_threads = n_threads
         self._n_gpu_layers = n_gpu_layers
+        self._system_prompt = system_prompt or None
         self._temperature = temperature
         self._seed = seed
         self._cutoffs = (top_k, top_p, min_p)
@@ -226,8 +219,7 @@ class BatchedLlamaEngine:
         self._max_backlog = max_backlog
         self._handoff_window_s = handoff_window_s
         self._model: Model | None = None
-        self._formatter: Jinja2ChatFormatter | None = None
-        self._banned: list[int] = []
+        self._chat: ChatFormat | None = None
         self._thread: threading.Thread | None = None
         self._incoming: deque[_Seq] = deque()
         self._wake = threading.Event()
@@ -248,6 +240,7 @@ class BatchedLlamaEngine:
             return
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
+        started = time.perf_counter()
         self._thread = threading.Thread(target=self._serve, args=(loop, ready), name="llama-batch", daemon=True)
         self._thread.start()
         try:
@@ -255,6 +248,11 @@ class BatchedLlamaEngine:
         except BaseException:
             self._thread = None
             raise
+        assert self.model_file is not None and self._chat is not None
+        log_model_loaded(
+            log, self.model_file, self._chat, started,
+            n_ctx=self.n_ctx, n_gpu_layers=self._n_gpu_layers, n_seq=self.n_seq, prefill_chunk=self.prefill_chunk,
+        )
 
     async def close(self) -> None:
         """Stop the thread: every request still there ends (its consumer gets nothing more)."""
@@ -272,32 +270,13 @@ class BatchedLlamaEngine:
 
     # prompt
 
-    def format_prompt(self, history: Sequence[Turn], text: str) -> str:
-        """The prompt text: the model's chat template, else a plain User/Assistant form."""
-        messages: list[dict[str, str]] = [{"role": t.role, "content": t.text} for t in history]
-        messages.append({"role": "user", "content": text})
-        if self._formatter is not None:
-            return self._formatter(messages=messages).prompt  # type: ignore[arg-type]
-        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-        return "\n".join(lines) + "\nAssistant:"
-
     def prompt_tokens(self, request: GenerationRequest) -> tuple[list[int], int]:
-        """(prompt tokens, earlier turns left out): the latest turns that fit the prompt's
-        share of the context, which keeps room for `max_tokens` of answer but takes at least
-        three quarters; `PromptTooLong` if the current turn alone does not fit."""
-        model = self._require_model()
-        budget = self.n_ctx - min(request.max_tokens, self.n_ctx // 4)
-        history = list(request.history)
-        dropped = 0
-        while True:
-            tokens = model.with_bos(model.tokenize(self.format_prompt(history, request.text)))
-            if len(tokens) <= budget:
-                return tokens, dropped
-            if not history:
-                raise PromptTooLong(len(tokens), budget, self.n_ctx)
-            cut = 2 if len(history) >= 2 and history[0].role == "user" else 1  # a whole exchange
-            del history[:cut]
-            dropped += cut
+        """(prompt tokens, earlier exchanges left out): the latest turns that fit one
+        sequence's context (`ChatFormat.fit`); `PromptTooLong` if the current turn alone does
+        not."""
+        self._require_model()
+        assert self._chat is not None
+        return self._chat.fit(request, self.n_ctx, self._system_prompt)
 
     # generation (event loop side)
 
@@ -398,8 +377,8 @@ class BatchedLlamaEngine:
             model.close()
 
     def _load(self) -> tuple[Model, Context]:
-        path = self._model_path or ensure_builtin_model()
-        model = Model(path, n_gpu_layers=self._n_gpu_layers)
+        self.model_file = engine_model_file(self._model_arg)
+        model = Model(self.model_file.path, n_gpu_layers=self._n_gpu_layers)
         try:
             context = Context(
                 model,
@@ -412,16 +391,8 @@ class BatchedLlamaEngine:
             model.close()
             raise
         self.n_ctx = context.n_ctx_seq
-        template = model.chat_template()
-        if template:
-            self._formatter = Jinja2ChatFormatter(
-                template=template,
-                eos_token=model.token_text(model.eos),
-                bos_token=model.token_text(model.bos),
-            )
-        self._banned = model.unprintable()
+        self._chat = ChatFormat(model, model.chat_template())
         self._model = model
-        _log.info("batched engine: %s, %d sequences of %d tokens", path.name, context.n_seq, context.n_ctx_seq)
         return model, context
 
 
@@ -442,6 +413,8 @@ class _Runner:
         self.model = model
         self.context = context
         self.batch = batch
+        assert engine._chat is not None
+        self.chat = engine._chat
         self.free = list(range(context.n_seq - 1, -1, -1))
         self.active: list[_Seq] = []
         """Sequences holding a slot, in admission order."""
@@ -479,7 +452,7 @@ class _Runner:
             seq.stats.admitted_step = self.engine.step_count
             top_k, top_p, min_p = self.engine._cutoffs
             seq.sampler = Sampler(
-                self.model, banned=self.engine._banned, temperature=seq.temperature, seed=seq.seed,
+                self.model, banned=self.chat.banned, temperature=seq.temperature, seed=seq.seed,
                 top_k=top_k, top_p=top_p, min_p=min_p,
             )
             seq.state = _State.PREFILL
@@ -564,7 +537,7 @@ class _Runner:
             return  # dropped at the next step boundary
         if stats.first_token_at is None:
             stats.first_token_at = time.monotonic()
-        if self.model.is_eog(tok):
+        if self.chat.ends_answer(tok):
             self.finish(seq, "stop")
             return
         stats.generated_tokens += 1
