@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from worker.__main__ import build_engines, parse_args
+from worker.engines.llama import LlamaEngine
 from worker.engines.batched import BatchedLlamaEngine, plan_prefill
 
 
@@ -28,10 +29,12 @@ def test_pieces_never_cross_a_chunk_boundary() -> None:
         assert 0 < piece <= 128
 
 
-def test_batched_worker_shares_one_engine_between_its_slots() -> None:
-    engines = build_engines(parse_args(["--engine", "llama", "--batched", "--concurrency", "4", "--n-ctx", "1024"]))
+def test_llama_concurrency_above_one_is_one_batched_engine_for_every_slot() -> None:
+    engines = build_engines(parse_args(["--model", "builtin", "--concurrency", "4", "--n-ctx", "1024"]))
     assert len(engines) == 4 and len({id(e) for e in engines}) == 1
     engine = engines[0]
-    assert isinstance(engine, BatchedLlamaEngine) and (engine.n_seq, engine.n_ctx) == (4, 1024)
-    assert len(build_engines(parse_args(["--batched"]))) == 8
-    assert not parse_args([]).batched
+    assert isinstance(engine, BatchedLlamaEngine) and (engine.n_seq, engine.n_ctx, engine.model) == (4, 1024, "builtin")
+    (forced,) = build_engines(parse_args(["--model", "builtin", "--batched"]))
+    assert isinstance(forced, BatchedLlamaEngine) and forced.n_seq == 1
+    (single,) = build_engines(parse_args(["--model", "builtin"]))
+    assert isinstance(single, LlamaEngine)
