@@ -20,6 +20,7 @@ from worker.cancel_token import CancelToken, Phase
 from worker.engines.base import Finish, GenerationRequest, Turn
 from worker import PromptTooLong
 from worker.engines.batched import BatchedLlamaEngine, SequenceStats, Step
+from worker.engines.llama import LlamaEngine
 
 pytestmark = pytest.mark.llama
 
@@ -264,3 +265,36 @@ async def test_smollm2_answers_are_the_same_alone_or_batched() -> None:
     assert [text for text, _ in results] == solo
     assert "4" in solo[2]
     assert stats(engine, "summary").prompt_tokens > 256 and joiner[1] == [Finish("length")]
+
+
+async def test_prompts_are_built_as_the_one_at_a_time_engine_builds_them() -> None:
+    """System prompt (the request's, else the engine's), history and template: the same prompt
+    tokens as `LlamaEngine`'s for the same requests."""
+    turns = [Turn("user", QUESTIONS[1]), Turn("assistant", QUESTIONS[2]), Turn("user", QUESTIONS[3]),
+             Turn("assistant", QUESTIONS[4], status="cancelled")]
+    reqs = [request("plain", QUESTIONS[0], 1), request("own", QUESTIONS[0], 1, system="Answer in French."),
+            request("history", QUESTIONS[0], 1, history=turns)]
+    one = LlamaEngine(system_prompt="Be brief.", temperature=0.0)
+    await one.start()
+    try:
+        counts = []
+        for req in reqs:
+            await collect_one(one, req)
+            assert one.last_stats is not None
+            counts.append(one.last_stats.prompt_tokens)
+    finally:
+        await one.close()
+    async with started(n_seq=2, system_prompt="Be brief.") as engine:
+        assert engine.model == one.model == "builtin"
+        for req, count in zip(reqs, counts):
+            await collect(engine, req)
+            assert stats(engine, req.message_id).prompt_tokens == count, req.message_id
+        async with started(n_seq=1) as bare:  # no system prompt of its own
+            await collect(bare, reqs[0])
+            assert stats(bare, "plain").prompt_tokens < counts[0]
+
+
+async def collect_one(engine: LlamaEngine, req: GenerationRequest) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        async for _ in engine.generate(req, CancelToken()):
+            pass
