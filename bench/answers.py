@@ -2,7 +2,8 @@
 
 Asks each file the same questions through `BatchedLlamaEngine` (8 at a time): greedily once,
 and at a low temperature with `--seeds` seeds, and counts answers that contain the expected
-word. Not a benchmark of speed (nothing is timed): the quality side of choosing the model
+word, and answers that end by themselves within `--max-tokens` (a small model that loops never
+does). Not a benchmark of speed (nothing is timed): the quality side of choosing the model
 file that `python -m bench batched` measures.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from protocol.logconfig import configure_logging
 from worker.cancel_token import CancelToken
-from worker.engines.base import GenerationRequest
+from worker.engines.base import Finish, GenerationRequest
 from worker.engines.batched import BatchedLlamaEngine
 
 QUESTIONS: tuple[tuple[str, str], ...] = (
@@ -29,18 +30,29 @@ QUESTIONS: tuple[tuple[str, str], ...] = (
     ("What is 2 + 2?", r"\b(4|four)\b"),
     ("Which animal is known as the king of the jungle?", r"\blions?\b"),
     ("What language is spoken in Brazil?", r"\bPortuguese\b"),
+    ("What is the capital of Japan?", r"\bTokyo\b"),
+    ("What is the capital of Germany?", r"\bBerlin\b"),
+    ("What is the chemical symbol for water?", r"\bH2O\b"),
+    ("How many legs does a spider have?", r"\b(8|eight)\b"),
+    ("What is the freezing point of water in Fahrenheit?", r"\b32\b"),
+    ("Who painted the Mona Lisa?", r"\bLeonardo\b"),
 )
 
 
-async def ask(model: Path, temperature: float, seeds: list[int | None], max_tokens: int) -> list[list[str]]:
+Answer = tuple[str, bool]
+"""An answer's text, and whether it ended by itself (not at `max_tokens`)."""
+
+
+async def ask(model: Path, temperature: float, seeds: list[int | None], max_tokens: int) -> list[list[Answer]]:
     """Answers per question, one per seed."""
     engine = BatchedLlamaEngine(model, n_seq=8, n_ctx=512, temperature=temperature)
     await engine.start()
 
-    async def one(mid: str, question: str, seed: int | None) -> str:
-        pieces = [item async for item in engine.generate(
-            GenerationRequest(mid, question, max_tokens, seed=seed), CancelToken()) if isinstance(item, str)]
-        return "".join(pieces)
+    async def one(mid: str, question: str, seed: int | None) -> Answer:
+        items = [item async for item in engine.generate(GenerationRequest(mid, question, max_tokens, seed=seed),
+                                                        CancelToken())]
+        ended = any(isinstance(item, Finish) and item.reason == "stop" for item in items)
+        return "".join(item for item in items if isinstance(item, str)), ended
 
     try:
         return [list(await asyncio.gather(*(one(f"q{q}-s{s}", question, seed) for s, seed in enumerate(seeds))))
@@ -49,9 +61,13 @@ async def ask(model: Path, temperature: float, seeds: list[int | None], max_toke
         await engine.close()
 
 
-def hits(answers: list[list[str]]) -> list[int]:
-    return [sum(bool(re.search(pattern, a, re.IGNORECASE)) for a in per_seed)
+def hits(answers: list[list[Answer]]) -> list[int]:
+    return [sum(bool(re.search(pattern, text, re.IGNORECASE)) for text, _ in per_seed)
             for (_, pattern), per_seed in zip(QUESTIONS, answers)]
+
+
+def ended(answers: list[list[Answer]]) -> int:
+    return sum(done for per_seed in answers for _, done in per_seed)
 
 
 def main() -> None:
@@ -70,13 +86,14 @@ def main() -> None:
     for q, (question, _) in enumerate(QUESTIONS):
         print(f"Q: {question}")
         for kind in files:
-            answer = greedy[kind][q][0].replace("\n", " ")
+            answer = greedy[kind][q][0][0].replace("\n", " ")
             print(f"  {kind} greedy: {answer[:160]}")
     print()
     for kind in files:
         g, s = hits(greedy[kind]), hits(sampled[kind])
-        print(f"{kind}: greedy {sum(g)}/{len(QUESTIONS)} right; temperature {args.temperature}: "
-              f"{sum(s)}/{len(QUESTIONS) * args.seeds} right (per question: {s})")
+        print(f"{kind}: greedy {sum(g)}/{len(QUESTIONS)} right, {ended(greedy[kind])} ended within "
+              f"{args.max_tokens} tokens; temperature {args.temperature}: {sum(s)}/{len(QUESTIONS) * args.seeds} "
+              f"right (per question: {s}), {ended(sampled[kind])} ended")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ def ensure_smollm2() -> Path:
 
 def ensure_smollm2_q4_0() -> Path:
     """The same model requantized to Q4_0 (`llama_model_quantize`), made once beside the
-    shipped file."""
+    shipped file (`--model` takes it; the default stays the shipped file). Its sha256 depends
+    on llama.cpp's quantizer, so it is not pinned: the worker logs it (`model_loaded`)."""
     return requantized_path(ensure_smollm2(), "Q4_0")
 
 
