@@ -17,8 +17,10 @@ decode step, without touching the others (no abort callback: it would stop every
 Every sequence's logits are the same whatever else shares its batch (tests pin it): prompts are
 evaluated in chunks aligned at the prompt's start, each in a call of its own, and flash attention
 is off (`worker.engines.llamacpp.Context`). So a greedy answer, or one with a seed, is the same
-alone or among seven others. Each sequence has its own sampler (temperature, seed) and its own
-context of `n_ctx` tokens (its KV stream).
+alone or among seven others. Each sequence has its own sampler (temperature, seed: the
+request's, else the engine's) and its own context of `n_ctx` tokens (its KV stream). Prompts,
+stops and banned tokens are those of the one-at-a-time engine (`llamacpp.ChatFormat`: the model's
+chat template, the latest exchanges that fit, the request's system prompt else the engine's).
 
 The thread hands pieces to the event loop through one `Handoff` per request (at most one loop
 wake-up per coalescing window). A consumer that falls `max_backlog` pieces behind is skipped in
