@@ -1,8 +1,8 @@
 """`python -m bench [NAME ...] [--quick] [--json PATH] [--minutes N]`: run the benchmarks, print one table.
 
 NAME is one or more of relay_overhead, cancel_latency, throughput, idle_memory, pubsub_cost, job_memory,
-cluster_clients, cluster_pubsub, cluster_compare, chaos, openai_edge (default: all, what `make bench` runs); `soak` runs only when
-named (`--minutes N`, default 30). `--quick` uses tiny sizes (the smoke test); `--json PATH` writes
+cluster_clients, cluster_pubsub, cluster_compare, chaos, openai_edge, batched (default: all, what
+`make bench` runs); `soak` runs only when named (`--minutes N`, default 30). `--quick` uses tiny sizes (the smoke test); `--json PATH` writes
 every figure. Each benchmark starts its own Redis, gateways and workers as processes, runs its
 clients in separate processes, and stops them all when it ends, fails or is interrupted.
 Exit status: 0 when every benchmark ran (goals missed are reported, not failures), 1 when one
@@ -26,6 +26,7 @@ from types import FrameType
 from rich.console import Console
 from rich.table import Table
 
+import bench.batched as batched
 import bench.cancel_latency as cancel_latency
 import bench.cluster_clients as cluster_clients
 import bench.cluster_compare as cluster_compare
@@ -39,6 +40,7 @@ import bench.relay_overhead as relay_overhead
 import bench.soak as soak
 import bench.throughput as throughput
 from bench.cluster import REPO, Figures, Row, progress
+from protocol.logconfig import configure_logging
 
 Benchmark = Callable[[bool], tuple[Figures, list[Row]]]
 BENCHMARKS: dict[str, Benchmark] = {
@@ -53,6 +55,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     cluster_compare.NAME: cluster_compare.run,
     chaos.NAME: chaos.run,
     openai_edge.NAME: openai_edge.run,
+    batched.NAME: batched.run,
 }
 OPT_IN: dict[str, Callable[[argparse.Namespace], tuple[Figures, list[Row]]]] = {
     soak.NAME: lambda args: soak.run(args.quick, args.minutes),
@@ -108,6 +111,7 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    configure_logging("warning", process="bench")  # engines run in this process too (batched)
     signal.signal(signal.SIGTERM, _terminate)
     names = args.names or list(BENCHMARKS)
     figures: dict[str, Figures] = {}

@@ -1,4 +1,4 @@
-"""`python -m worker --redis-url URL [--engine llama|synthetic] [--model PATH|builtin] [--concurrency N]`."""
+"""`python -m worker --redis-url URL [--engine llama|synthetic] [--model PATH|builtin] [--concurrency N] [--batched]`."""
 
 from __future__ import annotations
 
@@ -42,7 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"default sampling temperature, 0-2 (0: greedy; default {DEFAULT_TEMPERATURE}); a chat may set its own",
     )
     parser.add_argument("--seed", type=int, default=None, help="default sampling seed (default: random); a chat may set its own")
-    parser.add_argument("--concurrency", type=int, default=None, help="jobs at once (llama: 1, synthetic: 200)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="jobs at once (llama: 1; above 1, one model decodes them together, each with --n-ctx tokens; synthetic: 200)",
+    )
+    parser.add_argument("--batched", action="store_true", help="llama: the batched engine even at --concurrency 1")
     parser.add_argument("--synthetic-rate", type=float, default=20.0, help="tokens per second (0: as fast as possible)")
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--n-threads", type=int, default=None)
@@ -93,23 +99,28 @@ def build_engines(args: argparse.Namespace) -> list[Engine]:
 
         engine = SyntheticEngine(rate=args.synthetic_rate)
         return [engine] * (args.concurrency or 200)
-    from worker.engines.llama import LlamaEngine
     from worker.model.choice import resolve_model
 
     model = resolve_model(args.model)
-    return [
-        LlamaEngine(
-            model,
-            n_ctx=args.n_ctx,
-            n_threads=args.n_threads,
-            n_gpu_layers=args.n_gpu_layers,
-            system_prompt=args.system_prompt,
-            temperature=args.temperature,
-            seed=args.seed,
-            handoff_window_s=args.coalesce_ms / 1000,
-        )
-        for _ in range(args.concurrency or 1)
-    ]
+    common = dict(
+        n_ctx=args.n_ctx,
+        n_threads=args.n_threads,
+        n_gpu_layers=args.n_gpu_layers,
+        system_prompt=args.system_prompt,
+        temperature=args.temperature,
+        seed=args.seed,
+        handoff_window_s=args.coalesce_ms / 1000,
+    )
+    concurrency = args.concurrency or 1
+    if concurrency > 1 or args.batched:
+        from worker.engines.batched import BatchedLlamaEngine
+
+        # One model and one context for all N job slots: the worker claims a job per free slot.
+        batched = BatchedLlamaEngine(model, n_seq=concurrency, **common)
+        return [batched] * batched.n_seq
+    from worker.engines.llama import LlamaEngine
+
+    return [LlamaEngine(model, **common)]
 
 
 async def serve(args: argparse.Namespace) -> None:

@@ -79,6 +79,12 @@ def messages_for(pairs: Sequence[tuple[Turn, Turn]], text: str, system: str | No
     return messages
 
 
+def plain_form(messages: Sequence[Message]) -> str:
+    """The prompt of a model without a chat template: `Role: content` lines, then `Assistant:`."""
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n".join(lines) + "\nAssistant:"
+
+
 def fit(
     history: Sequence[Turn],
     text: str,

