@@ -1,6 +1,7 @@
-"""What the batched engine relies on in llama.cpp, through `worker.engines.llamacpp`: decode
+"""What the llama engines rely on in llama.cpp, through `worker.engines.llamacpp`: decode
 return codes, one sequence removed without touching the others, logits that do not depend on
-the batch's other sequences, seeded samplers, requantizing, log routing.
+the batch's other sequences, seeded samplers, requantizing, log routing; and for the
+one-at-a-time engine, a kept prefix of a high-level `Llama`'s cache and its abort.
 
 An upgrade of llama-cpp-python that changes any of this fails here first."""
 
@@ -17,7 +18,7 @@ import pytest
 
 from worker.model.smollm2 import ensure_smollm2, ensure_smollm2_q4_0
 from worker.engines.llamacpp import (
-    Batch, Context, DecodeError, DecodeStatus, Model, Sampler, requantize, requantized_path,
+    Batch, Context, DecodeError, DecodeStatus, LlamaPrefix, Model, Sampler, requantize, requantized_path,
 )
 from worker.model import ensure_builtin_model
 
@@ -219,3 +220,44 @@ def test_llama_cpp_logs_go_to_logging_not_stderr(
         Context(builtin, n_seq=2, n_ctx_seq=256, n_batch=32).close()
     assert capfd.readouterr().err == ""
     assert len([r for r in caplog.records if r.name == "tokenrelay.llama_cpp"]) > 10
+
+
+def last_logits(prefix: LlamaPrefix, n_vocab: int) -> bytes:
+    row = llama_cpp.llama_get_logits_ith(prefix.ctx, -1)
+    return ctypes.string_at(row, n_vocab * ctypes.sizeof(ctypes.c_float))
+
+
+def test_a_kept_prefix_continues_as_a_fresh_evaluation_and_an_abort_is_told_apart(builtin: Model) -> None:
+    """`LlamaPrefix` sets a `Llama`'s `n_tokens` to keep a prefix and reads `input_ids`; the
+    next evaluation after the kept prefix gives the logits of a fresh one, bit for bit (same
+    chunks), and llama.cpp's abort is the RuntimeError `LlamaPrefix.ABORTED` names."""
+    llm = llama_cpp.Llama(model_path=str(ensure_builtin_model()), n_ctx=512, n_batch=64, n_ubatch=64, verbose=False)
+    prefix = LlamaPrefix(llm)
+    try:
+        shared = builtin.with_bos(builtin.tokenize("User: " + "ba no ki " * 30))[:64]
+        first, second = shared + [7, 8, 9, 10], shared + [11, 12, 13]
+        assert len(shared) == 64 and prefix.evaluate(first) and prefix.length == len(first)
+        assert prefix.common_prefix(second, len(second)) == 64
+        assert prefix.common_prefix(second, 10) == 10
+        assert prefix.keep(64) and prefix.length == 64
+        assert prefix.evaluate(second[64:]) and prefix.length == len(second)
+        continued = last_logits(prefix, builtin.n_vocab)
+        prefix.clear()
+        assert prefix.length == 0 and prefix.common_prefix(second, len(second)) == 0
+        assert prefix.evaluate(second)
+        assert last_logits(prefix, builtin.n_vocab) == continued
+
+        calls: list[int] = []
+
+        def abort(_data: object) -> bool:
+            calls.append(1)
+            return True
+
+        callback = llama_cpp.ggml_abort_callback(abort)
+        prefix.set_abort(callback)
+        assert prefix.evaluate(first) is False and calls
+        assert prefix.length == 0  # an aborted evaluation clears the cache
+        prefix.set_abort(None)
+        assert prefix.evaluate(first) and prefix.length == len(first)
+    finally:
+        llm.close()

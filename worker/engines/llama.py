@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import llama_cpp
-import numpy as np
 import structlog
 
 from protocol import coalesce
@@ -33,13 +32,10 @@ from worker import prompt
 from worker.cancel_token import CancelToken, Phase
 from worker.engines.base import DEFAULT_TEMPERATURE, Finish, GenerationRequest
 from worker.engines.handoff import Handoff
-from worker.engines.llamacpp import ChatFormat, Sampler, Vocab, log_model_loaded, quiet_logs, route_logs
+from worker.engines.llamacpp import ChatFormat, LlamaPrefix, Sampler, Vocab, log_model_loaded, quiet_logs, route_logs
 from worker.model.choice import EngineModel, ModelFile, engine_model_file, engine_model_name
 
-_ABORTED = "llama_decode returned 2"  # llama.cpp: 2 = aborted by the abort callback
-
 log = structlog.get_logger("worker.llama")
-_NO_ABORT_CALLBACK = llama_cpp.ggml_abort_callback()  # a NULL function pointer: none
 
 
 @dataclass(slots=True)
@@ -124,6 +120,7 @@ class LlamaEngine:
         self._handoff_window_s = handoff_window_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-gen")
         self._llm: llama_cpp.Llama | None = None
+        self._prefix: LlamaPrefix | None = None
         self._chat: ChatFormat | None = None
         self._abort_cb: Any = None  # keeps the ctypes callback alive
         self._active: _Job | None = None
@@ -162,6 +159,7 @@ class LlamaEngine:
             verbose=False,
         )
         self._llm = llm
+        self._prefix = LlamaPrefix(llm)
         self.n_ctx = llm.n_ctx()
         self._abort_cb = llama_cpp.ggml_abort_callback(self._should_abort)
         vocab = Vocab(llama_cpp.llama_model_get_vocab(llm.model))
@@ -176,6 +174,7 @@ class LlamaEngine:
         if self._llm is not None:
             self._llm.close()
             self._llm = None
+            self._prefix = None
         self._abort_cb = None
 
     def _should_abort(self, _data: object) -> bool:
@@ -275,17 +274,17 @@ class LlamaEngine:
             sampler.close()
 
     def _decode_loop(self, job: _Job, sampler: Sampler, chat: ChatFormat) -> None:
-        llm = self._require_llm()
+        cache = self._require_prefix()
         stats = job.stats
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         started = False  # strip the leading space of the reply
         while True:
             if job.stopped:
                 return
-            if stats.generated_tokens >= job.request.max_tokens or llm.n_tokens >= self.n_ctx:
+            if stats.generated_tokens >= job.request.max_tokens or cache.length >= self.n_ctx:
                 self._finish(job, "length", decoder.decode(b"", final=True))
                 return
-            tok = sampler.sample(llm.ctx, -1)
+            tok = sampler.sample(cache.ctx, -1)
             if chat.ends_answer(tok):
                 self._finish(job, "stop", decoder.decode(b"", final=True))
                 return
@@ -309,52 +308,37 @@ class LlamaEngine:
     def _reuse_prefix(self, tokens: list[int], exact: bool) -> list[int]:
         """Keep the KV cache for the prefix shared with the previous job (`prompt.reuse_length`:
         only its canonical, aligned part when the request must be reproducible); return the rest."""
-        llm = self._require_llm()
-        limit = max(0, min(llm.n_tokens, len(tokens) - 1))  # evaluate one token at least
-        differs = np.flatnonzero(llm.input_ids[:limit] != np.asarray(tokens[:limit]))
-        common = int(differs[0]) if differs.size else limit
+        cache = self._require_prefix()
+        common = cache.common_prefix(tokens, len(tokens) - 1)  # evaluate one token at least
         keep = prompt.reuse_length(common, self._canonical, self._n_ubatch, exact)
-        memory = llama_cpp.llama_get_memory(llm.ctx)
-        if keep and not llama_cpp.llama_memory_seq_rm(memory, -1, keep, -1):
-            keep = 0
-        if not keep:
-            self._reset_context()
-        llm.n_tokens = keep
+        if not cache.keep(keep) or not keep:
+            keep = self._canonical = 0
         self._canonical = prompt.canonical_after(keep, self._canonical, len(tokens), self._n_ubatch)
         return tokens[keep:]
-
-    def _reset_context(self) -> None:
-        llm = self._require_llm()
-        llm.n_tokens = 0
-        self._canonical = 0
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
 
     def _eval_prompt(self, job: _Job, tokens: list[int]) -> bool:
         """`_eval` with llama.cpp's abort callback attached, so a cancel stops a long prompt
         evaluation. llama.cpp calls it after every graph node, and a Python callback takes the
         GIL each time (dozens of times per token: docs/PERFORMANCE.md): it is detached for
         decoding, where the cancel flag is read after every token."""
-        llm = self._require_llm()
-        llama_cpp.llama_set_abort_callback(llm.ctx, self._abort_cb, None)
+        cache = self._require_prefix()
+        cache.set_abort(self._abort_cb)
         try:
             return self._eval(job, tokens)
         finally:
-            llama_cpp.llama_set_abort_callback(llm.ctx, _NO_ABORT_CALLBACK, None)
+            cache.set_abort(None)
 
     def _eval(self, job: _Job, tokens: list[int]) -> bool:
         """Evaluate `tokens`; False when the abort callback stopped it for a cancel."""
         try:
-            self._require_llm().eval(tokens)
-        except RuntimeError as exc:
-            if not (job.stopped and str(exc) == _ABORTED):
-                raise
-            if job.token.phase is Phase.PROMPT:
-                job.stats.prefill_aborted = True
-            self._reset_context()  # the aborted batch may have left partial state behind
-            return False
+            if self._require_prefix().evaluate(tokens):
+                return True
         finally:
             quiet_logs(False)
-        return True
+        if job.token.phase is Phase.PROMPT:
+            job.stats.prefill_aborted = True
+        self._canonical = 0  # the aborted cache was cleared
+        return False
 
     def _sampling(self, request: GenerationRequest) -> tuple[float, int | None]:
         """(temperature, seed): the request's, else the engine's."""
@@ -365,4 +349,9 @@ class LlamaEngine:
         if self._llm is None:
             raise RuntimeError("LlamaEngine is not started (or already closed)")
         return self._llm
+
+    def _require_prefix(self) -> LlamaPrefix:
+        self._require_llm()
+        assert self._prefix is not None
+        return self._prefix
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import llama_cpp
+import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from worker import prompt
@@ -285,6 +286,71 @@ def log_model_loaded(log: Any, model: ModelFile, chat: ChatFormat, started: floa
         extra_stop_tokens=sorted(chat.stop_tokens),
         load_ms=round((time.perf_counter() - started) * 1000, 1),
     )
+
+
+class LlamaPrefix:
+    """What a high-level `llama_cpp.Llama` holds in its KV cache, for the one-at-a-time engine.
+
+    `Llama` records the tokens it evaluated (`n_tokens`, `input_ids`) and `eval` continues after
+    them, dropping the KV cells behind (`llama_memory_seq_rm` from `n_tokens`). It has no method
+    to keep only a prefix (`reset` drops all), so the engine's prefix reuse sets `n_tokens`
+    here, the one place; and `Llama.eval` reports llama.cpp's abort (decode code 2) only as a
+    RuntimeError naming the code. tests/integration/test_llamacpp_adapter.py pins both."""
+
+    ABORTED = f"llama_decode returned {int(DecodeStatus.ABORTED)}"
+
+    def __init__(self, llm: llama_cpp.Llama) -> None:
+        self._llm = llm
+
+    @property
+    def ctx(self) -> Any:
+        """The raw `llama_context` pointer (what `Sampler.sample` and abort callbacks take)."""
+        return self._llm.ctx
+
+    @property
+    def length(self) -> int:
+        """Tokens evaluated into the KV cache."""
+        return int(self._llm.n_tokens)
+
+    def common_prefix(self, tokens: list[int], limit: int) -> int:
+        """How many leading tokens (at most `limit`) the cache already holds as in `tokens`."""
+        limit = max(0, min(self.length, limit))
+        held = self._llm.input_ids[:limit]
+        differs = np.flatnonzero(held != np.asarray(tokens[:limit], dtype=held.dtype))
+        return int(differs[0]) if differs.size else limit
+
+    def keep(self, count: int) -> bool:
+        """Keep the first `count` tokens; the next `evaluate` continues after them. False (and
+        nothing kept) when llama.cpp cannot drop the cells behind them."""
+        memory = llama_cpp.llama_get_memory(self.ctx)
+        if count and llama_cpp.llama_memory_seq_rm(memory, -1, count, -1):
+            self._llm.n_tokens = count
+            return True
+        self.clear()
+        return count == 0
+
+    def clear(self) -> None:
+        self._llm.reset()  # type: ignore[no-untyped-call]
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+
+    def evaluate(self, tokens: list[int]) -> bool:
+        """Evaluate `tokens` after the cache; False when the abort callback stopped it (the
+        cache is then cleared: an aborted batch may leave partial state)."""
+        try:
+            self._llm.eval(tokens)
+        except RuntimeError as exc:
+            if str(exc) != self.ABORTED:
+                raise
+            self.clear()
+            return False
+        return True
+
+    def set_abort(self, callback: Any) -> None:
+        """Attach llama.cpp's abort callback (a `ggml_abort_callback`), or detach it (None)."""
+        llama_cpp.llama_set_abort_callback(self.ctx, callback or _NO_ABORT_CALLBACK, None)
+
+
+_NO_ABORT_CALLBACK = llama_cpp.ggml_abort_callback()  # a NULL function pointer: none
 
 
 class Context:
