@@ -296,7 +296,7 @@ class ProcessCluster:
 
     async def wait_healthy(self, timeout: float = 20.0) -> None:
         for proc in self.gateways:
-            await wait_until(lambda: http_ok(proc.port or 0, "/healthz"), timeout)
+            await self._wait_serving(proc, timeout)
         r = Topology(self.redis_url, self.cluster).client()
 
         async def workers_registered() -> bool:
@@ -306,6 +306,29 @@ class ProcessCluster:
             await wait_until(workers_registered, timeout)
         finally:
             await r.aclose()
+
+    async def _wait_serving(self, proc: Proc, timeout: float) -> None:
+        """Until the gateway `proc` itself answers /healthz (its instance id names its pid).
+        `free_port` finds a port free at that moment only: another process on the machine (a
+        second test suite) may bind it first; then the gateway exits (address in use) while
+        the other answers, and it is started again on new ports (up to three times)."""
+        assert proc.popen is not None
+        deadline = time.monotonic() + t(timeout)
+        restarts = 0
+        while time.monotonic() < deadline:
+            if await gateway_pid(proc.port or 0) == proc.popen.pid:
+                return
+            if proc.popen.poll() is not None:
+                if restarts == 3 or "address already in use" not in proc.log_path.read_text().lower():
+                    raise AssertionError(f"gateway exited ({proc.popen.returncode}):\n{self.logs()}")
+                restarts += 1
+                for flag in ("--port", "--http-port"):
+                    if flag in proc.args:
+                        proc.args[proc.args.index(flag) + 1] = str(free_port())
+                proc.port = int(proc.args[proc.args.index("--port") + 1])
+                proc.start(self.env())
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"gateway on port {proc.port} not serving within {timeout} s:\n{self.logs()}")
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -325,6 +348,17 @@ async def http_get(port: int, path: str) -> tuple[int, str]:
         writer.close()
     head, _, body = data.decode().partition("\r\n\r\n")
     return int(head.split()[1]), body
+
+
+async def gateway_pid(port: int) -> int | None:
+    """The pid of the gateway answering /healthz on `port` (from its instance id
+    `g-<host>-<pid>-<random>`), or None when nothing healthy answers."""
+    try:
+        status, body = await http_get(port, "/healthz")
+        instance = str(json.loads(body)["instance"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return int(instance.rsplit("-", 2)[1]) if status == 200 else None
 
 
 async def http_ok(port: int, path: str) -> bool:

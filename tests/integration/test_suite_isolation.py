@@ -10,7 +10,7 @@ from pathlib import Path
 
 import redis
 
-from tests.support import REPO, t
+from tests.support import REPO, ProcessCluster, gateway_pid, t
 
 PROBE = '''
 import subprocess, sys
@@ -46,3 +46,31 @@ def test_a_developers_redis_url_is_neither_flushed_nor_inherited(
     assert "1 passed" in run.stdout
     assert developer.keys("*") == [b"precious"]
     assert developer.get("precious") == b"kept"
+
+
+async def test_a_gateway_whose_port_another_process_took_is_started_again_elsewhere(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Two suites on one machine can pick the same free port: the test's gateway then exits
+    (address in use) while the other process answers there. `wait_healthy` must not take the
+    other one for the test's own gateway."""
+    other = ProcessCluster(redis_url, tmp_path / "other")
+    ours = ProcessCluster(redis_url, tmp_path / "ours")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "ours").mkdir()
+    try:
+        taken = other.add_gateway()
+        await other.wait_healthy()
+        proc = ours.add_gateway()
+        assert proc.popen is not None
+        proc.stop()  # started again on the taken port, as a collision would have it
+        proc.args[proc.args.index("--port") + 1] = str(taken.port)
+        proc.port = taken.port
+        proc.start(ours.env())
+        await ours.wait_healthy()
+        assert proc.port != taken.port
+        assert await gateway_pid(proc.port or 0) == proc.popen.pid
+        assert await gateway_pid(taken.port or 0) == (taken.popen.pid if taken.popen else None)
+    finally:
+        ours.stop()
+        other.stop()
