@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import errno
 import gc
 import os
 import signal
@@ -160,7 +161,12 @@ async def serve(config: GatewayConfig, args: argparse.Namespace) -> None:
         found = await topology.discover_for(args)
     except ShardsMismatch as exc:
         sys.exit(f"python -m gateway: error: {exc}")
-    await Gateway(dataclasses.replace(config, topology=found)).run(stop)
+    try:
+        await Gateway(dataclasses.replace(config, topology=found)).run(stop)
+    except OSError as exc:  # a port taken or not ours to bind: say so, without a traceback
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise
+        sys.exit(f"python -m gateway: error: cannot listen: {exc.strerror or exc}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import socket
 import re
 import signal
 import subprocess
@@ -140,6 +141,16 @@ def test_host_0_0_0_0_without_a_secret_exits_non_zero_naming_auth_secret(redis_u
     assert "--auth-secret" in done.stderr and "--insecure" in done.stderr, done.stderr
     for host in ("::", "10.1.2.3", "gateway.example"):
         assert run_gateway("--host", host, "--port", str(free_port()), "--redis-url", redis_url).returncode != 0
+
+
+def test_a_port_already_taken_exits_non_zero_saying_so(redis_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        done = run_gateway("--host", "127.0.0.1", "--port", str(taken.getsockname()[1]), "--redis-url", redis_url)
+    assert done.returncode == 1
+    assert "cannot listen" in done.stderr and "address already in use" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
 
 
 def test_a_short_secret_is_refused_saying_how_to_make_one(redis_url: str, tmp_path: Path) -> None:
