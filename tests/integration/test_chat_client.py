@@ -269,11 +269,14 @@ class Browser:
 
 @contextlib.asynccontextmanager
 async def browser() -> AsyncIterator[Browser]:
-    with tempfile.TemporaryDirectory() as profile:
+    """Headless Chromium in a process group of its own with a throwaway profile. The whole
+    group is stopped at the end: its helper processes can outlive the main one and were seen
+    writing into the profile while it was being removed."""
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = await asyncio.create_subprocess_exec(
             str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
             "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
         )
         try:
             port_file = Path(profile) / "DevToolsActivePort"
@@ -286,8 +289,19 @@ async def browser() -> AsyncIterator[Browser]:
             async with connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
                 yield Browser(ws)
         finally:
-            proc.terminate()
-            await proc.wait()
+            await stop_group(proc)
+
+
+async def stop_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM to the process group `proc` leads, then SIGKILL to whatever of it is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), t(10))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
 
 
 class Proxy:
