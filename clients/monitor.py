@@ -28,6 +28,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -41,7 +42,6 @@ BEAT_INTERVAL_S = Lifetimes().instance_ttl_s / 3
 STALE_AFTER_S = 2 * BEAT_INTERVAL_S
 COUNTERS = ("tokenrelay_gateway_cancels_total", "tokenrelay_gateway_errors_total")
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()}
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 _CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:@/\s]*):(?P<password>[^@\s]*)@")
 
 
@@ -147,13 +147,14 @@ async def read_jobs(r: aioredis.Redis) -> tuple[int, int, int, int]:
 
 
 def parse_counters(text: str) -> dict[str, dict[str, float]]:
-    """`{metric: {labels: value}}` for the COUNTERS in a Prometheus text exposition."""
+    """`{metric: {label value: value}}` for the COUNTERS (each has one label) in a Prometheus
+    text exposition, read by prometheus_client's parser."""
     found: dict[str, dict[str, float]] = {name: {} for name in COUNTERS}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match is None or match.group(1) not in found:
-            continue
-        found[match.group(1)][(match.group(2) or "{}")[1:-1]] = _num(match.group(3))
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in found:
+                label = next(iter(sample.labels.values()), "")
+                found[sample.name][label] = sample.value
     return found
 
 
@@ -211,11 +212,10 @@ class Monitor:
                 (COUNTERS[0], "cancels_per_s", "cancels_by_status"),
                 (COUNTERS[1], "errors_per_s", "errors_by_code"),
             ):
-                for labels, value in counters[metric].items():
+                for name, value in counters[metric].items():
                     # a restarted gateway has a new id, so counters only go back on a reset
-                    delta = max(value - previous[1][metric].get(labels, 0.0), 0.0) / dt
+                    delta = max(value - previous[1][metric].get(name, 0.0), 0.0) / dt
                     totals[rate_key] += delta
-                    name = labels.split('"')[1] if '"' in labels else labels
                     by_label[label_key][name] = round(by_label[label_key].get(name, 0.0) + delta, 3)
         if measured == 0:
             return {"cancels_per_s": None, "errors_per_s": None, "gateways_measured": 0,

@@ -75,8 +75,8 @@ tokenrelay_gateway_errors_total{code="bad_request"} 2.0
 tokenrelay_gateway_frames_out_total 99.0
 """
     assert parse_counters(text) == {
-        "tokenrelay_gateway_cancels_total": {'status="cancelling"': 4.0},
-        "tokenrelay_gateway_errors_total": {'code="bad_request"': 2.0},
+        "tokenrelay_gateway_cancels_total": {"cancelling": 4.0},
+        "tokenrelay_gateway_errors_total": {"bad_request": 2.0},
     }
 
 
