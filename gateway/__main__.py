@@ -62,6 +62,9 @@ def serve_parser() -> argparse.ArgumentParser:
                         help="seconds an instance's registration and its connections' slots live without a beat "
                         "(beats every third of it)")
     parser.add_argument("--ping-interval", type=float, default=20.0)
+    parser.add_argument("--client-send-buffer", type=int, default=0, metavar="BYTES",
+                        help="SO_SNDBUF of each client socket (0, the default: the kernel's autotuning, up to "
+                        "net.ipv4.tcp_wmem's maximum); caps the kernel memory a client that does not read can hold")
     parser.add_argument(
         "--cancel-mode",
         choices=["push", "poll"],
@@ -146,6 +149,7 @@ def config_of(args: argparse.Namespace) -> GatewayConfig:
         default_max_tokens=args.max_tokens,
         ping_interval_s=args.ping_interval,
         ping_timeout_s=args.ping_interval,
+        send_buffer_bytes=args.client_send_buffer or None,
         lifetimes=Lifetimes(grace_s=args.grace, detach_grace_s=args.detach_grace, backlog_limit=args.backlog_limit,
                             instance_ttl_s=args.instance_ttl),
         cancel_ends=args.cancel_mode == "push",

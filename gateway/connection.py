@@ -24,9 +24,11 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 
 from gateway import SlowConsumer, metrics, requests
 from gateway.live import Relay
+from gateway.wsout import WebSocketSink
 from protocol.errors import AuthError, BadRequest
 from protocol.limits import LogThrottle, Strikes, TokenBucket, bucket_of, retry_after_ms
 from protocol.messages import (
@@ -74,6 +76,9 @@ class FrameSink(Protocol):
     async def send(self, message: str) -> None:
         """Send one frame, waiting for buffer room if need be."""
 
+    def send_now(self, message: str) -> bool:
+        """Write one frame without waiting if there is room (True); False changes nothing."""
+
 
 class SendChannel:
     """Serialises frames onto one connection; bounded by the socket's write buffer."""
@@ -98,6 +103,14 @@ class SendChannel:
                 self._sending_since = None
         metrics.FRAMES_OUT.inc()
 
+    def send_now(self, frame: bytes) -> bool:
+        """Write a frame at once when no send is under way and the sink has room; False
+        means nothing was written (use `send`)."""
+        if self.send_lock.locked() or self.closed_slow or not self.sink.send_now(frame.decode()):
+            return False
+        metrics.FRAMES_OUT.inc()
+        return True
+
     def stalled(self, now: float) -> bool:
         """True once one frame has waited `timeout_s` for the client to read."""
         return self._sending_since is not None and now - self._sending_since > self.timeout_s
@@ -107,7 +120,9 @@ class Connection:
     def __init__(self, gateway: Gateway, ws: ServerConnection) -> None:
         self.gw = gateway
         self.ws = ws
-        self.channel = SendChannel(ws, gateway.config.slow_client_timeout_s)
+        self.channel = SendChannel(
+            WebSocketSink(ws, gateway.config.write_limit_bytes), gateway.config.slow_client_timeout_s
+        )
         self.user = "anonymous"
         self.relays: dict[str, tuple[Relay, asyncio.Task[None]]] = {}
         self._cancels_in_flight: dict[str, asyncio.Event] = {}
@@ -121,6 +136,8 @@ class Connection:
         self.slot: tuple[str, str] | None = None
         """(user, name) of the connection slot this connection holds, if any."""
         self.closing = False
+        self.closed_with: ConnectionClosed | None = None
+        """How the connection closed under the reader, if it did (`ping_timed_out`)."""
         self._closer: asyncio.Task[None] | None = None
         q = gateway.config.quotas
         now = time.monotonic()
@@ -130,6 +147,19 @@ class Connection:
         }
         self._bad_input = Strikes(q.bad_requests, q.bad_request_window_s)
         self._refusal_log = LogThrottle()
+
+    @property
+    def ping_timed_out(self) -> bool:
+        """websockets closed the connection with 1011 while it was open and the client had
+        sent no close frame: its keepalive ping went unanswered (the gateway never sends
+        1011 itself)."""
+        closed = self.closed_with
+        return (
+            closed is not None
+            and closed.rcvd is None
+            and closed.sent is not None
+            and closed.sent.code == CloseCode.INTERNAL_ERROR
+        )
 
     # --- sending ------------------------------------------------------------------------
 
@@ -196,7 +226,9 @@ class Connection:
             async for raw in self.ws:
                 if not self.closing:
                     await self._on_frame(raw)
-        except (ConnectionClosed, SlowConsumer):
+        except ConnectionClosed as exc:
+            self.closed_with = exc
+        except SlowConsumer:
             pass
         finally:
             await cancel_all([dispatcher])
@@ -369,7 +401,9 @@ class Connection:
         previous = self.relays.pop(message_id, None)
         if previous is not None:
             previous[1].cancel()
-        relay = Relay(self.gw.hub, self.gw.store, message_id, after_seq, self.channel, self._terminal_gate)
+        relay = Relay(
+            self.gw.hub, self.gw.store, message_id, after_seq, self.channel, self._terminal_gate, self.channel.send_now
+        )
         task = spawn(self._run_relay(relay), f"relay-{message_id}")
         self.relays[message_id] = (relay, task)
 

@@ -162,6 +162,9 @@ class Outlet(Protocol):
 TerminalGate = Callable[[str], "asyncio.Event | None"]
 """Given the message id: an event that a terminal frame must wait for, or None."""
 
+SendNow = Callable[[bytes], bool]
+"""Writes a frame without waiting if the outlet can (True); False writes nothing."""
+
 
 class Relay:
     """Delivers one message's frames to one connection: replay from the log, then live.
@@ -182,6 +185,7 @@ class Relay:
         after_seq: int,
         outlet: Outlet,
         terminal_gate: TerminalGate | None = None,
+        send_now: SendNow | None = None,
         max_inbox: int = 256,
     ) -> None:
         self.hub = hub
@@ -190,6 +194,9 @@ class Relay:
         self.tracker = SeqTracker(last_seq=after_seq)
         self._outlet = outlet
         self._terminal_gate = terminal_gate
+        self._send_now = send_now
+        self._waiting = False
+        """True while `run` waits for a push with nothing queued: the next frame may skip it."""
         self._inbox: deque[bytes] = deque()
         self._max_inbox = max_inbox
         self._wake = asyncio.Event()
@@ -202,12 +209,28 @@ class Relay:
         client is behind: drop and re-read the log later, so a slow client costs a bounded
         amount of gateway memory."""
         self.last_heard = asyncio.get_running_loop().time()
+        if self._waiting and self._deliver_at_once(frame):
+            return
         if len(self._inbox) >= self._max_inbox:
             self._inbox.clear()
             self._ask_resync("overflow")
         else:
             self._inbox.append(frame)
         self._wake.set()
+
+    def _deliver_at_once(self, frame: bytes) -> bool:
+        """The next chunk of a stream whose relay is idle goes straight out when the outlet
+        has room: no task switch per frame. Terminals (which may wait for a cancel's answer),
+        gaps, duplicates and a busy outlet take the inbox and `run`."""
+        if self._send_now is None or self._inbox or self._resync:
+            return False
+        envelope = _envelope.decode(frame)
+        if envelope.type in TERMINAL_TYPES or self.tracker.peek(envelope.seq, False) is not Verdict.DELIVER:
+            return False
+        if not self._send_now(frame):
+            return False
+        self.tracker.offer(envelope.seq, False)
+        return True
 
     def _gate(self) -> asyncio.Event | None:
         """What this message's terminal frame must wait for, if anything."""
@@ -258,7 +281,11 @@ class Relay:
                     continue
                 if not self._inbox:
                     self._wake.clear()
-                    await self._wake.wait()
+                    self._waiting = True
+                    try:
+                        await self._wake.wait()
+                    finally:
+                        self._waiting = False
                     continue
                 if await self._offer(self._inbox.popleft()) is Verdict.GAP:
                     self._ask_resync("gap")

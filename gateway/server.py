@@ -23,6 +23,7 @@ from gateway.connection import CLOSE_TOKEN_EXPIRED, Connection
 from gateway.guards import exposure_problem
 from gateway.live import LiveHub
 from gateway.openai.edge import HttpEdge
+from gateway.wsout import set_send_buffer
 from protocol.auth import Claims, check_secret, verify_claims
 from protocol.limits import LogThrottle, Quotas
 from protocol.origin import origin_allowed
@@ -58,8 +59,9 @@ class GatewayConfig:
     max_frame_bytes: int = 64 * 1024
     write_limit_bytes: int = 64 * 1024
     send_buffer_bytes: int | None = None
-    """SO_SNDBUF per client socket; None keeps the kernel's autotuning (up to tcp_wmem max).
-    A small value makes slow clients hit `slow_client_timeout_s` sooner."""
+    """SO_SNDBUF per client socket (`--client-send-buffer`); None keeps the kernel's
+    autotuning (up to tcp_wmem's maximum). A small value bounds the kernel memory a client
+    that does not read can hold, and makes it hit `slow_client_timeout_s` sooner."""
     slow_client_timeout_s: float = 10.0
     max_pending_requests: int = 64
     ping_interval_s: float | None = 20.0
@@ -170,8 +172,7 @@ class Gateway:
 
     async def _handle(self, ws: ServerConnection) -> None:
         if self.config.send_buffer_bytes is not None:
-            sock = ws.transport.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.send_buffer_bytes)
+            set_send_buffer(ws, self.config.send_buffer_bytes)
         conn = Connection(self, ws)
         self.connections.add(conn)
         metrics.CONNECTIONS.inc()
@@ -180,8 +181,7 @@ class Gateway:
         finally:
             self.connections.discard(conn)
             metrics.CONNECTIONS.dec()
-            sent = ws.protocol.close_sent
-            if sent is not None and sent.code == 1011 and "keepalive" in sent.reason:
+            if conn.ping_timed_out:
                 metrics.CLOSED.labels("ping_timeout").inc()
                 log.info("ping_timeout", connections=len(self.connections))
 

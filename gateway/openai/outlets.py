@@ -25,6 +25,10 @@ class SseSink:
     async def send(self, message: str) -> None:
         await self.response.write(message.encode())
 
+    def send_now(self, message: str) -> bool:
+        """Never: aiohttp's writes are awaited."""
+        return False
+
 
 def sse_response(request: web.Request) -> web.StreamResponse:
     """A streaming response for server-sent events (nginx must not buffer it)."""
