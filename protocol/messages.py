@@ -14,7 +14,6 @@ import msgspec
 # `\Z`, not `$`: Python's `$` also matches before a final newline ("s1\n" is no session id).
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}\Z"
 USER_PATTERN = r"^[A-Za-z0-9_.@\-]{1,64}\Z"
-SESSION_ID_RE = re.compile(SESSION_ID_PATTERN)
 USER_RE = re.compile(USER_PATTERN)
 
 SessionId = Annotated[str, msgspec.Meta(pattern=SESSION_ID_PATTERN)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from typing import Any
 
 import msgspec
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from protocol.errors import BadRequest
 from protocol.messages import (
-    SESSION_ID_RE,
+    SESSION_ID_PATTERN,
     USER_RE,
     Auth,
     Cancel,
@@ -29,6 +30,8 @@ from protocol.messages import (
 )
 from protocol.validation import decode_client
 from tests.fuzzing import FIELDS, LIMITS, hostile, json_values, message_like, mutate, valid_messages
+
+SESSION_ID_RE = re.compile(SESSION_ID_PATTERN)
 
 VALID = valid_messages()
 
