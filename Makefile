@@ -8,11 +8,23 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 install: $(VENV)/.installed
 
+# llama.cpp is compiled for this machine's CPU (-march=native) without AMX: some VMs advertise
+# AMX and fault on its first instruction (`ldtilecfg`: every prompt of more than one token
+# crashed the worker). The wheel is built once into a folder named after the version and the
+# flags, so that a wheel pip cached with other flags is never taken. GPU builds add theirs
+# with CMAKE_ARGS (e.g. CMAKE_ARGS=-DGGML_CUDA=on); LLAMA_CMAKE_ARGS= builds with AMX.
+LLAMA_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' constraints.txt)
+LLAMA_CMAKE_ARGS ?= -DCMAKE_C_FLAGS=-U__AMX_INT8__ -DCMAKE_CXX_FLAGS=-U__AMX_INT8__
+LLAMA_FLAGS := $(strip $(LLAMA_CMAKE_ARGS) $(CMAKE_ARGS))
+WHEELS ?= $(HOME)/.cache/tokenrelay/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(shell printf '%s' '$(LLAMA_FLAGS)' | sha1sum | cut -c1-10)
+
 # The versions constraints.txt pins (reproducible installs; `make lock` refreshes them).
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	ls $(WHEELS)/*.whl >/dev/null 2>&1 || CMAKE_ARGS='$(LLAMA_FLAGS)' $(PY) -m pip wheel --quiet --no-cache-dir \
+		--no-deps -c constraints.txt -w $(WHEELS) llama-cpp-python
+	$(PY) -m pip install --quiet --find-links $(WHEELS) -c constraints.txt -e '.[dev]'
 	touch $@
 
 # Pin every dependency (dev extras included) at the newest versions pyproject.toml allows.
