@@ -3,8 +3,8 @@ master, each command sent to the master that serves its key's slot.
 
 `ClusterClient` has `LeanClient`'s interface (`execute`, `call`, `close`; error replies as
 values). It learns the slot map with CLUSTER SLOTS, splits a batch by master, writes every
-part at once and puts the replies back in the batch's order. A command without a key (PUBLISH,
-WAIT, PING) goes to the master of the command before it in the batch (WAIT then waits for that
+part at once and puts the replies back in the batch's order. A command without a key (WAIT,
+PING) goes to the master of the command before it in the batch (WAIT then waits for that
 master's replicas), else to any master. Commands of one slot keep their
 order: they go to one master, in one part, in batch order (the worker's chunk writes rely on
 it). Redirections are followed inside `execute`: MOVED (the map is read again, the command
@@ -37,7 +37,7 @@ Address = tuple[str, int]
 
 _KEYLESS = frozenset(
     (
-        "PING ECHO PUBLISH SCRIPT INFO CLUSTER TIME CLIENT CONFIG DBSIZE FUNCTION HELLO AUTH COMMAND "
+        "PING ECHO SCRIPT INFO CLUSTER TIME CLIENT CONFIG DBSIZE FUNCTION HELLO AUTH COMMAND "
         "READONLY READWRITE ASKING WAIT FLUSHALL FLUSHDB LASTSAVE MEMORY SLOWLOG LATENCY PUBSUB ROLE "
         "RANDOMKEY SCAN KEYS"
     ).split()
@@ -79,8 +79,9 @@ class CommandClient(Protocol):
 
 def _key_position(name: str) -> int:
     """Where a command's routing key is: an argument index, `_NO_KEY` or `_STREAMS`.
-    SPUBLISH's channel is its argument 1, like a key; PUBLISH reaches every node of a cluster
-    from any node."""
+    A channel (argument 1 of PUBLISH and SPUBLISH) routes like a key: a 6.2 PUBLISH reaches
+    every node from any node, but subscribers on its channel's master hear it without the
+    cluster bus (`store.cluster_subscriber`)."""
     if name in _KEYLESS:
         return _NO_KEY
     if name in _SCRIPTS:

@@ -5,9 +5,11 @@ Redis 7 has sharded pub/sub: a channel lives in the slot of its name, SPUBLISH r
 that slot's master, and a subscriber must SSUBSCRIBE there. So `ClusterSubscriber` keeps one
 lean connection per master (`_ShardConnection`: `smessage`s straight to the callback, as
 `Subscriber` does) and sends each channel to its owner, one SSUBSCRIBE per slot (Redis
-refuses one across slots). A 6.2 cluster has no sharded pub/sub, but PUBLISH on any node is
-broadcast to every node, so there one plain `Subscriber` on any node hears everything. The
-server's version decides at `open`.
+refuses one across slots). A 6.2 cluster has no sharded pub/sub: PUBLISH on any node reaches
+every node over the cluster bus, but a message that crosses the bus now and then waits ~40 ms
+(docs/PERFORMANCE.md, "PUBLISH across the cluster bus"). So there too each channel is subscribed
+(plain SUBSCRIBE) on the master of its slot, where `store.cluster` sends its PUBLISH: delivered
+on that node, not over the bus. The server's version decides at `open`.
 
 Channels drop out when their connection ends (a master killed, a network cut) or when the
 server pushes `sunsubscribe` (Redis 7, the slot moved to another master). What happens then
@@ -23,7 +25,6 @@ is the owner's choice:
 from __future__ import annotations
 
 import asyncio
-import random
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -189,7 +190,7 @@ class ClusterSubscriber:
         self._on_message = on_message
         self._on_resubscribed = on_resubscribed
         self.sharded = sharded
-        """Redis 7 or later: SSUBSCRIBE on each channel's master; else SUBSCRIBE on one node."""
+        """Redis 7 or later: SSUBSCRIBE on each channel's master; else SUBSCRIBE there."""
         self._timeout_s = timeout_s
         self._wanted: set[str] = set()
         self._home: dict[str, Subscriber] = {}
@@ -197,8 +198,6 @@ class ClusterSubscriber:
         self._homeless: set[str] = set()
         """Wanted channels that dropped out, waiting for `_heal`."""
         self._connections: dict[Address, Subscriber] = {}
-        self._broadcast: Address | None = None
-        """6.2: the node whose connection hears every PUBLISH."""
         self._healing: asyncio.Task[None] | None = None
         self.closed: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
 
@@ -211,7 +210,7 @@ class ClusterSubscriber:
         timeout_s: float = 2.0,
     ) -> ClusterSubscriber:
         """Learn the slot map and the server's version from any node (the URL's), connect to
-        every master (Redis 7) or one node (6.2). `Unavailable` if that fails."""
+        every master. `Unavailable` if that fails."""
         options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
         client = ClusterClient(options, timeout_s)
         try:
@@ -221,10 +220,8 @@ class ClusterSubscriber:
             client.disconnect()
             raise Unavailable(f"redis cluster unreachable: {exc}") from exc
         subscriber = cls(options, client, on_message, on_resubscribed, sharded, timeout_s)
-        targets = client.masters() if sharded else [random.choice(client.masters())]
-        subscriber._broadcast = None if sharded else targets[0]
         try:
-            for address in targets:
+            for address in client.masters():
                 await subscriber._connect(address)
         except Unavailable:
             subscriber.close()
@@ -279,15 +276,10 @@ class ClusterSubscriber:
     # --- where channels live ------------------------------------------------------------
 
     def _target(self, channel: str) -> Address | None:
-        """Where the channel is to be subscribed; None while the map is unknown."""
-        if not self.sharded:
-            return self._broadcast_node()
+        """Where the channel is to be subscribed (its slot's master); None while the map is
+        unknown. On 6.2 a subscription left on another node after a slot moved still hears
+        the channel, over the cluster bus."""
         return self._client.owner(key_slot(channel.encode()))
-
-    def _broadcast_node(self) -> Address | None:
-        if self._broadcast is None and (masters := self._client.masters()):
-            self._broadcast = random.choice(masters)
-        return self._broadcast
 
     async def _connect(self, address: Address) -> Subscriber:
         connection = self._connections.get(address)
@@ -310,8 +302,6 @@ class ClusterSubscriber:
         for address, known in list(self._connections.items()):
             if known is connection:
                 del self._connections[address]
-                if address == self._broadcast:
-                    self._broadcast = None
         error = closed.result()
         log.warning("cluster_subscriber_lost", error=str(error))
         self._dropped(connection, [c for c, home in self._home.items() if home is connection])
@@ -376,8 +366,6 @@ class ClusterSubscriber:
             except _ERRORS as exc:
                 log.warning("cluster_resubscribe_retry", channels=len(group), error=str(exc))
                 confirmed = False
-                if address == self._broadcast:
-                    self._broadcast = None  # 6.2: the next round picks a node again
             if confirmed:
                 subscribed.extend(group)
             else:  # not there (yet): the next round tries again

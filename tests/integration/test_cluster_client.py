@@ -38,7 +38,7 @@ def test_command_slot_finds_the_key_of_each_kind_of_command() -> None:
     assert command_slot((b"evalsha", "0" * 40, 2, "{p3}:a", "{p4}:b", "arg")) == key_slot(b"p3")
     assert command_slot(("EVALSHA", "0" * 40, 0, "arg")) is None
     assert command_slot(("SPUBLISH", "tr:{p5}:live:x", "data")) == key_slot(b"p5")
-    assert command_slot(("PUBLISH", "tr:{p5}:live:x", "data")) is None
+    assert command_slot(("PUBLISH", "tr:{p5}:live:x", "data")) == key_slot(b"p5")
     assert command_slot(("XREADGROUP", "GROUP", "g", "c", "COUNT", 1, "STREAMS", "{p6}:jobs", ">")) == key_slot(b"p6")
     assert command_slot(("XINFO", "STREAM", "{p7}:jobs")) == key_slot(b"p7")
     assert command_slot(("PING",)) is None
