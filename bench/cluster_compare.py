@@ -1,9 +1,11 @@
 """One Redis against a 3-master Redis Cluster, same run, same machine (issue 17, "Measure").
 
-Deployments, all started at the beginning and alive to the end: one Redis 6.2 (embedded) and a
-6.2 cluster (3 masters, 3 replicas); where Debian's `redis-server` 7 is installed, one Redis 7,
-a 7 cluster (SPUBLISH) and a 7 cluster without replicas (so no WAIT before an end is published:
-what sharding alone costs). Each has 2 gateways and 2 synthetic workers (20 tokens/s per
+Deployments, all started at the beginning and alive to the end: one Redis 6.2 (embedded), the
+same with a replica, and a 6.2 cluster (3 masters, 3 replicas); where Debian's `redis-server` 7
+is installed, one Redis 7, one with a replica, a 7 cluster (SPUBLISH) and a 7 cluster without
+replicas (so no WAIT before an end is published: what sharding alone costs). A cluster with
+replicas is compared with one Redis with a replica, so that both pay for replication; one
+without, with one Redis alone. Each has 2 gateways and 2 synthetic workers (20 tokens/s per
 stream); on a cluster they run with `--redis-cluster` (4 shards per master). Each round
 measures every deployment in turn, the order reversed every other round (ABBA: the machine is
 shared and its load drifts):
@@ -71,15 +73,16 @@ class Target:
     @property
     def name(self) -> str:
         if not self.cluster:
-            return f"single {self.version}"
+            return f"single {self.version}" + (" + replica" if self.replicas else "")
         return f"cluster {self.version}" + ("" if self.replicas else " no replicas")
 
 
 def targets() -> list[Target]:
-    found = [Target("6.2", False, ""), Target("6.2", True, "")]
+    found = [Target("6.2", False, "", replicas=0), Target("6.2", False, "", replicas=1), Target("6.2", True, "")]
     redis7 = embedded.redis7_server()
     if redis7 is not None:
-        found += [Target("7", False, redis7), Target("7", True, redis7), Target("7", True, redis7, replicas=0)]
+        found += [Target("7", False, redis7, replicas=0), Target("7", False, redis7, replicas=1),
+                  Target("7", True, redis7), Target("7", True, redis7, replicas=0)]
     return found
 
 
@@ -91,8 +94,9 @@ def _order(found: list[Target], round_: int) -> list[Target]:
 
 async def _deployment(stack: AsyncExitStack, target: Target, streams: int) -> tuple[Cluster, list[int]]:
     cluster = await stack.enter_async_context(Cluster(
-        f"{NAME}-{target.name.replace(' ', '-')}", redis_cluster=target.cluster, redis_server=target.server,
-        cluster_replicas=target.replicas,
+        f"{NAME}-{target.name.replace(' ', '-').replace('+', 'and')}", redis_cluster=target.cluster,
+        redis_server=target.server, cluster_replicas=target.replicas,
+        single_replica=not target.cluster and target.replicas > 0,
     ))
     ports = [cluster.add_gateway().port or 0 for _ in range(2)]
     for _ in range(2):
@@ -240,8 +244,13 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
     return float(statistics.median(r[key] for r in runs))
 
 
-def _single_of(name: str) -> str:
-    return f"single {name.split()[1]}"
+def baseline_of(name: str, targets: list[str]) -> str:
+    """What a cluster is compared with: one Redis of its version, with a replica when the
+    cluster has replicas (and that deployment ran), so both pay for replication."""
+    single = f"single {name.split()[1]}"
+    if "no replicas" not in name and f"{single} + replica" in targets:
+        return f"{single} + replica"
+    return single
 
 
 def summarize(figures: Figures) -> dict[str, Any]:
@@ -267,7 +276,7 @@ def summarize(figures: Figures) -> dict[str, Any]:
                                  third_us_per_token=_median(third, "us_per_token"),
                                  third_redis_us_per_token=_median(third, "master_us_per_own_token"))
         if name.startswith("cluster"):
-            single = figures[_single_of(name)]
+            single = figures[baseline_of(name, figures['targets'])]
             ratios = [b["us_per_token"] / a["us_per_token"] if a["us_per_token"] else 0.0
                       for a, b in zip(single["throughput"], t)]
             extra = [b["p99_ms"] - a["p99_ms"] for a, b in zip(single["cancel"], c)]
@@ -304,27 +313,28 @@ def rows(figures: Figures, summary: dict[str, Any]) -> list[Row]:
     load = f"{figures['streams']:,} streams × {figures['rate']} tok/s"
     of = f"median of {figures['rounds']}"
     for name in [n for n in figures["targets"] if n.startswith("cluster")]:
-        cluster, single = summary[name], summary[_single_of(name)]
+        base = baseline_of(name, figures["targets"])
+        cluster, single = summary[name], summary[base]
         out.append(Row(NAME, f"{name}: CPU per delivered token, {load} ({of})", _kinds(cluster),
-                       f"single {_kinds(single)}", f"≤ +{(GOAL_COST_RATIO - 1) * 100:.0f}%",
+                       f"{base}: {_kinds(single)}", f"≤ +{(GOAL_COST_RATIO - 1) * 100:.0f}%",
                        cluster["cost_ratio"] <= GOAL_COST_RATIO))
         out.append(Row(NAME, f"{name}: cost per token / single's, by round", f"{cluster['cost_ratio']:.2f} (median)",
                        ", ".join(f"{r:.2f}" for r in cluster["cost_ratio_by_round"])))
         out.append(Row(NAME, f"{name}: tokens/s delivered", f"{cluster['tokens_per_s']:,.0f} "
-                       f"({cluster['delivered_pct']:.0f}%)", f"single {single['tokens_per_s']:,.0f} "
+                       f"({cluster['delivered_pct']:.0f}%)", f"{base}: {single['tokens_per_s']:,.0f} "
                        f"({single['delivered_pct']:.0f}%)"))
         out.append(Row(NAME, f"{name}: CPU % when idle (gateway / worker / Redis)", _idle_text(cluster),
-                       f"single {_idle_text(single)}"))
+                       f"{base}: {_idle_text(single)}"))
         out.append(Row(NAME, f"{name}: Redis µs per token: a master per own token (busiest); replicas",
                        f"{cluster['master_us_per_own_token']:.1f} ({cluster['busiest_master_us_per_own_token']:.1f}); "
                        f"{cluster['replicas_us_per_token']:.1f}",
-                       f"single {single['redis_us_per_token']:.1f}; at {single['third_tokens_per_s']:,.0f} tokens/s "
+                       f"{base}: {single['redis_us_per_token']:.1f}; at {single['third_tokens_per_s']:,.0f} tokens/s "
                        f"{single['third_redis_us_per_token']:.1f}"))
         met = cluster["p99_extra_ms"] <= GOAL_P99_EXTRA_MS and cluster["cancel_failures"] == 0 \
             and single["cancel_failures"] == 0
         out.append(Row(NAME, f"{name}: cancel p50 / p99, idle ({of})",
                        f"{cluster['p50_ms']:.2f} / {cluster['p99_ms']:.2f} ms",
-                       f"single {single['p50_ms']:.2f} / {single['p99_ms']:.2f} ms", f"p99 ≤ +{GOAL_P99_EXTRA_MS:g} ms",
+                       f"{base}: {single['p50_ms']:.2f} / {single['p99_ms']:.2f} ms", f"p99 ≤ +{GOAL_P99_EXTRA_MS:g} ms",
                        met))
         out.append(Row(NAME, f"{name}: cancel p99 − single's, by round", f"{cluster['p99_extra_ms']:+.2f} ms (median)",
                        ", ".join(f"{e:+.2f}" for e in cluster["p99_extra_ms_by_round"])))

@@ -116,15 +116,17 @@ def test_openai_edge_quick(tmp_path: Path) -> None:
 
 
 def test_cluster_compare_quick(tmp_path: Path) -> None:
-    """One Redis and a 3-master cluster (6.2, and 7 where Debian's is installed) in one run:
-    every deployment delivers its streams, cancels complete on both, and Redis's CPU is read
-    from every node of a cluster."""
+    """One Redis, one Redis with a replica and a 3-master cluster (6.2, and 7 where Debian's is
+    installed) in one run: every deployment delivers its streams, cancels complete on all, and
+    Redis's CPU is read from every node; a replicated cluster is compared with the replicated
+    single Redis."""
+    from bench.cluster_compare import baseline_of
     from store import embedded
 
-    figures = run_bench("cluster_compare", tmp_path, timeout_s=240)
-    expected = ["single 6.2", "cluster 6.2"]
+    figures = run_bench("cluster_compare", tmp_path, timeout_s=300)
+    expected = ["single 6.2", "single 6.2 + replica", "cluster 6.2"]
     if embedded.redis7_server() is not None:
-        expected += ["single 7", "cluster 7", "cluster 7 no replicas"]
+        expected += ["single 7", "single 7 + replica", "cluster 7", "cluster 7 no replicas"]
     assert figures["targets"] == expected
     for name in expected:
         step = figures[name]["throughput"][0]
@@ -132,7 +134,7 @@ def test_cluster_compare_quick(tmp_path: Path) -> None:
         assert number(step["tokens_per_s"]) > 0
         assert number(step["us_per_token"]) > 0
         nodes = step["redis_nodes"]
-        replicas = 0 if not name.startswith("cluster") or name.endswith("no replicas") else 3
+        replicas = 1 if name.endswith("+ replica") else 0 if not name.startswith("cluster") or name.endswith("no replicas") else 3
         assert sum(1 for node in nodes if "-master-" in node) == (3 if name.startswith("cluster") else 0)
         assert sum(1 for node in nodes if "-replica-" in node) == replicas
         assert number(step["replicas_us_per_token"]) >= 0
@@ -143,6 +145,9 @@ def test_cluster_compare_quick(tmp_path: Path) -> None:
         summary = figures["summary"][name]
         assert summary["capacity"]["tokens_per_s_per_master"] > 0
         if name.startswith("cluster"):
+            assert baseline_of(name, expected) == (
+                f"single {name.split()[1]}" + ("" if name.endswith("no replicas") else " + replica")
+            )
             number(summary["cost_ratio"])
             number(summary["p99_extra_ms"])
             assert number(figures[name]["bus_latency"]["other_master"]["p50"]) > 0
