@@ -289,16 +289,20 @@ def _summary(results: list[dict[str, Any]], chats: tuple[int, ...]) -> dict[str,
     def med(values: list[float]) -> float:
         return round(statistics.median(values), 2)
 
+    def ratio(values: list[float]) -> float:
+        """Ratios keep their precision (a quick run's can be under 0.005); tables round them."""
+        return float(statistics.median(values))
+
     alone = med([r["alone_tokens_per_s"] for r in results])
     summary: dict[str, Any] = {"rounds": results, "alone_tokens_per_s": alone,
                                "alone_first_chunk_ms": med([r["alone_first_chunk_ms"] for r in results])}
     for n in chats:
         summary[f"direct_{n}"] = med([r["direct"][n] for r in results])
-        summary[f"direct_speedup_{n}"] = med([r["direct"][n] / r["direct"][1] for r in results])
+        summary[f"direct_speedup_{n}"] = ratio([r["direct"][n] / r["direct"][1] for r in results])
         summary[f"aggregate_{n}"] = med([r[f"chats_{n}"]["aggregate_tokens_per_s"] for r in results])
         summary[f"per_chat_{n}"] = med([r[f"chats_{n}"]["per_chat_tokens_per_s"] for r in results])
-        summary[f"speedup_{n}"] = med([r[f"chats_{n}"]["aggregate_tokens_per_s"] / r["alone_tokens_per_s"]
-                                       for r in results])
+        summary[f"speedup_{n}"] = ratio([r[f"chats_{n}"]["aggregate_tokens_per_s"] / r["alone_tokens_per_s"]
+                                         for r in results])
         summary[f"first_chunk_{n}_ms"] = med([statistics.median(r[f"chats_{n}"]["first_chunk_ms"]) for r in results])
     summary["stall_ms"] = max(r["join"]["stall_ms"] for r in results)
     summary["stall_gap_p50_before_ms"] = med([r["join"]["gaps_before_ms"]["p50"] for r in results])
