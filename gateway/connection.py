@@ -76,8 +76,9 @@ class FrameSink(Protocol):
     async def send(self, message: str) -> None:
         """Send one frame, waiting for buffer room if need be."""
 
-    def send_now(self, message: str) -> bool:
-        """Write one frame without waiting if there is room (True); False changes nothing."""
+    def send_now(self, frame: bytes) -> bool:
+        """Write one UTF-8 text frame without waiting if there is room (True); False changes
+        nothing."""
 
 
 class SendChannel:
@@ -106,7 +107,7 @@ class SendChannel:
     def send_now(self, frame: bytes) -> bool:
         """Write a frame at once when no send is under way and the sink has room; False
         means nothing was written (use `send`)."""
-        if self.send_lock.locked() or self.closed_slow or not self.sink.send_now(frame.decode()):
+        if self.send_lock.locked() or self.closed_slow or not self.sink.send_now(frame):
             return False
         metrics.FRAMES_OUT.inc()
         return True

@@ -27,11 +27,12 @@ class WebSocketSink:
     async def send(self, message: str) -> None:
         await self.ws.send(message)
 
-    def send_now(self, message: str) -> bool:
-        """Write the frame at once if the connection is open and its buffer has room."""
+    def send_now(self, frame: bytes) -> bool:
+        """Write the frame (UTF-8 JSON, sent as a text frame as it is) at once if the
+        connection is open and its buffer has room."""
         if self.ws.state is not State.OPEN or self.ws.transport.get_write_buffer_size() >= self.high_water:
             return False
-        broadcast((self.ws,), message)
+        broadcast((self.ws,), frame, text=True)
         return True
 
 

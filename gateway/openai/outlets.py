@@ -25,7 +25,7 @@ class SseSink:
     async def send(self, message: str) -> None:
         await self.response.write(message.encode())
 
-    def send_now(self, message: str) -> bool:
+    def send_now(self, frame: bytes) -> bool:
         """Never: aiohttp's writes are awaited."""
         return False
 

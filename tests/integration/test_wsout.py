@@ -37,7 +37,7 @@ async def test_send_now_writes_text_frames_in_order_with_awaited_sends() -> None
             if i % 5 == 0:
                 await sink.send(json.dumps({"seq": i}))
             else:
-                assert sink.send_now(json.dumps({"seq": i}))
+                assert sink.send_now(json.dumps({"seq": i}).encode())
 
     async with server(handler) as port, connect(f"ws://127.0.0.1:{port}") as ws:
         frames = [await asyncio.wait_for(ws.recv(), 5) for _ in range(50)]
@@ -49,17 +49,18 @@ async def test_send_now_declines_once_a_client_stops_reading_and_writes_again_wh
     declined_after = asyncio.get_running_loop().create_future()
     resumed = asyncio.Event()
     frame = json.dumps({"pad": "x" * 1000})
+    raw = frame.encode()
 
     async def handler(sink: WebSocketSink) -> None:
         written = 0
-        while sink.send_now(frame):
+        while sink.send_now(raw):
             written += 1
             if written > 100_000:
                 break
             await asyncio.sleep(0)
         declined_after.set_result(written)
         await resumed.wait()
-        while not sink.send_now(frame):
+        while not sink.send_now(raw):
             await asyncio.sleep(0.01)
         await sink.send("end")
 
@@ -81,9 +82,9 @@ async def test_send_now_declines_on_a_closing_connection() -> None:
     answers: asyncio.Future[tuple[bool, bool]] = asyncio.get_running_loop().create_future()
 
     async def handler(sink: WebSocketSink) -> None:
-        before = sink.send_now("{}")
+        before = sink.send_now(b"{}")
         await sink.ws.close()
-        answers.set_result((before, sink.send_now("{}")))
+        answers.set_result((before, sink.send_now(b"{}")))
 
     async with server(handler) as port, connect(f"ws://127.0.0.1:{port}") as ws:
         assert await asyncio.wait_for(ws.recv(), 5) == "{}"
