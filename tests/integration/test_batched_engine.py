@@ -124,6 +124,29 @@ async def test_a_waiting_chat_takes_a_freed_slot_at_the_next_step() -> None:
     assert [results[2][0], results[3][0]] == solo
 
 
+async def test_a_step_decodes_in_slot_order_and_a_chat_takes_the_lowest_free_slot() -> None:
+    """llama.cpp evaluates a step in one pass only over consecutive slots in increasing order
+    (test_llamacpp_adapter pins it): a joining chat takes the lowest free slot, not the latest
+    freed, and every step decodes its chats by slot, whatever order they were admitted in."""
+    async with started(n_seq=3) as engine:
+        tokens = {m: CancelToken() for m in "efg"}
+        running = [asyncio.create_task(collect(engine, request(m, QUESTIONS[3 + i], 1500), tokens[m]))
+                   for i, m in enumerate("efg")]
+        await until(lambda: all(engine.sequence_stats(m) and stats(engine, m).admitted_at for m in "efg"))
+        by_slot = {stats(engine, m).slot: m for m in "efg"}
+        assert set(by_slot) == {0, 1, 2}
+        for freed in (by_slot[0], by_slot[2]):  # free slot 0, then slot 2
+            tokens[freed].cancel()
+            await until(lambda: stats(engine, freed).released_at is not None)
+        h = await collect(engine, request("h", QUESTIONS[6], 20))
+        steps = list(engine.steps)  # the latest 512: while h ran
+        tokens[by_slot[1]].cancel()
+        await asyncio.gather(*running)
+    assert h[1] == [Finish("length")] and stats(engine, "h").slot == 0
+    assert any(s.decoded == ("h", by_slot[1]) for s in steps)
+    assert not any(s.decoded == (by_slot[1], "h") for s in steps)
+
+
 async def test_stop_removes_only_its_own_sequence() -> None:
     async with started(n_seq=3) as engine:
         reqs = [request(f"c{i}", QUESTIONS[i], 150) for i in range(3)]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import enum
+import heapq
 import logging
 import threading
 import time
@@ -417,7 +418,8 @@ class _Runner:
         self.batch = batch
         assert engine._chat is not None
         self.chat = engine._chat
-        self.free = list(range(context.n_seq - 1, -1, -1))
+        self.free = list(range(context.n_seq))
+        """Free slots, a heap: the lowest is taken first, so that busy slots stay consecutive."""
         self.active: list[_Seq] = []
         """Sequences holding a slot, in admission order."""
 
@@ -448,7 +450,7 @@ class _Runner:
             if seq.request.max_tokens <= 0:
                 self.finish(seq, "length")
                 continue
-            seq.slot = self.free.pop()
+            seq.slot = heapq.heappop(self.free)
             seq.stats.slot = seq.slot
             seq.stats.admitted_at = time.monotonic()
             seq.stats.admitted_step = self.engine.step_count
@@ -468,7 +470,7 @@ class _Runner:
     def step(self, runnable: list[_Seq]) -> None:
         engine = self.engine
         started = time.monotonic()
-        decoding = [s for s in runnable if s.state is _State.DECODING]
+        decoding = sorted((s for s in runnable if s.state is _State.DECODING), key=lambda s: s.slot)
         if decoding:
             self.decode(decoding)
         decoded_at = time.monotonic()
@@ -491,7 +493,10 @@ class _Runner:
         engine.step_count += 1
 
     def decode(self, seqs: list[_Seq]) -> None:
-        """One token for each sequence, in one call."""
+        """One token for each sequence, in one call. `seqs` come in slot order: llama.cpp
+        evaluates a batch over separate KV streams (`kv_unified=False`) in one pass only for a
+        run of consecutive sequence ids in increasing order and splits it at every other step
+        (slots 0, 1, 2: one pass; 1, 0, 2 or 0, 2: two, of one token on one thread each)."""
         batch = self.batch
         batch.clear()
         indexes = [batch.add(s.last, s.pos, s.slot, logits=True) for s in seqs]
@@ -565,7 +570,7 @@ class _Runner:
         """Remove the sequence's KV cells, free its slot and sampler, tell its consumer."""
         if seq.slot >= 0:
             self.context.remove(seq.slot)
-            self.free.append(seq.slot)
+            heapq.heappush(self.free, seq.slot)
             seq.slot = -1
         if seq in self.active:
             self.active.remove(seq)
