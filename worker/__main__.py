@@ -51,7 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batched", action="store_true", help="llama: the batched engine even at --concurrency 1")
     parser.add_argument("--synthetic-rate", type=float, default=20.0, help="tokens per second (0: as fast as possible)")
     parser.add_argument("--n-ctx", type=int, default=2048)
-    parser.add_argument("--n-threads", type=int, default=None)
+    parser.add_argument(
+        "--n-threads",
+        type=int,
+        default=None,
+        help="llama threads (default: all the CPUs this worker may use, a container CPU limit included, for batches; half for one token)",
+    )
     parser.add_argument("--n-gpu-layers", type=int, default=0)
     parser.add_argument(
         "--coalesce-ms",

@@ -32,7 +32,9 @@ from worker import prompt
 from worker.cancel_token import CancelToken, Phase
 from worker.engines.base import DEFAULT_TEMPERATURE, Finish, GenerationRequest
 from worker.engines.handoff import Handoff
-from worker.engines.llamacpp import ChatFormat, LlamaPrefix, Sampler, Vocab, log_model_loaded, quiet_logs, route_logs
+from worker.engines.llamacpp import (
+    ChatFormat, LlamaPrefix, Sampler, Vocab, default_threads, log_model_loaded, quiet_logs, route_logs,
+)
 from worker.model.choice import EngineModel, ModelFile, engine_model_file, engine_model_name
 
 log = structlog.get_logger("worker.llama")
@@ -148,13 +150,14 @@ class LlamaEngine:
     def _load(self) -> None:
         route_logs()
         self.model_file = engine_model_file(self._model_arg)
+        threads, threads_batch = (self._n_threads, self._n_threads) if self._n_threads else default_threads()
         llm = llama_cpp.Llama(
             model_path=str(self.model_file.path),
             n_ctx=self.n_ctx,
             n_batch=self._n_batch,
             n_ubatch=self._n_ubatch,
-            n_threads=self._n_threads,
-            n_threads_batch=self._n_threads,
+            n_threads=threads,
+            n_threads_batch=threads_batch,
             n_gpu_layers=self._n_gpu_layers,
             verbose=False,
         )

@@ -31,6 +31,7 @@ import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from worker import prompt
+from worker.cpus import available_cpus
 from worker.engines.base import GenerationRequest
 
 if TYPE_CHECKING:  # worker.model imports this module (the Q4_0 copy of the default model)
@@ -88,10 +89,11 @@ class DecodeError(LlamaCppError):
 
 def default_threads() -> tuple[int, int]:
     """(threads for a one-token batch, threads for larger ones), as llama-cpp-python's `Llama`
-    chooses them: half the logical CPUs, and all of them. Decoding one sequence's token is too
+    chooses them but from the CPUs this process may use (`worker.cpus`: affinity and a
+    container's CPU limit): half of them, and all of them. Decoding one sequence's token is too
     little work to share out (on this 2-core machine one thread did it faster than two); a
     batch of several sequences' tokens, or of prompt tokens, is not."""
-    cpus = os.cpu_count() or 2
+    cpus = available_cpus()
     return max(1, cpus // 2), cpus
 
 
