@@ -35,11 +35,18 @@ KEYSPACE = Keyspace()
 """The keys of the deployments tests start (one shard, as gateways and workers default to)."""
 JOBS_STREAM = KEYSPACE.job_streams()[0]
 BACKLOG = KEYSPACE.backlogs()[0]
+LLAMA_THREADS = 1
+"""Threads of the llama engines that tests build themselves. ggml's threads wait for each other
+after every operation, so while another process holds a core a step waits for it (8 chats beside
+three busy processes: 4× fewer tokens/s on two threads than on one, docs/PERFORMANCE.md); the
+suite shares its machine."""
 
 
 def message_id(user: str = "u") -> str:
     """A fresh id for a message of `user`, as a gateway mints it."""
     return new_message_id(KEYSPACE.tag_of_user(user))
+
+
 TERMINALS = ("done", "cancelled", "error")
 
 

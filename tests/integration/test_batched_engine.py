@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from worker.model.smollm2 import ensure_smollm2
-from tests.support import wait_until
+from tests.support import LLAMA_THREADS, wait_until
 from worker.cancel_token import CancelToken, Phase
 from worker.engines.base import Finish, GenerationRequest, Turn
 from worker import PromptTooLong
@@ -32,6 +32,7 @@ QUESTIONS = [f"chat number {i}: " + " ".join(["ba no ki", "te lu ma", "so di fe"
 @contextlib.asynccontextmanager
 async def started(**options: Any) -> AsyncIterator[BatchedLlamaEngine]:
     options.setdefault("temperature", 0.0)
+    options.setdefault("n_threads", LLAMA_THREADS)
     engine = BatchedLlamaEngine(**options)
     await engine.start()
     try:

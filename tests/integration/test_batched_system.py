@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from store import keys
-from tests.support import assert_stream_ok, client, gateway, wait_until, worker
+from tests.support import LLAMA_THREADS, assert_stream_ok, client, gateway, wait_until, worker
 from worker.engines.batched import BatchedLlamaEngine
 
 pytestmark = pytest.mark.llama
@@ -16,7 +16,7 @@ PROMPTS = ["tell me about the sea", "and about the mountains", "and the sky at n
 
 
 async def test_three_chats_share_one_engine_and_a_stop_ends_only_its_own(redis_url: str) -> None:
-    engine = BatchedLlamaEngine(n_seq=3, n_ctx=1024, temperature=0.0)
+    engine = BatchedLlamaEngine(n_seq=3, n_ctx=1024, temperature=0.0, n_threads=LLAMA_THREADS)
     async with gateway(redis_url) as gw, worker(redis_url, [engine] * 3) as w, client(gw.port, "alice") as c:
         first = [await c.chat(f"first-{i}", text, max_tokens=1000) for i, text in enumerate(PROMPTS)]
         for mid in first:
