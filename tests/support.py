@@ -37,9 +37,9 @@ JOBS_STREAM = KEYSPACE.job_streams()[0]
 BACKLOG = KEYSPACE.backlogs()[0]
 LLAMA_THREADS = 1
 """Threads of the llama engines that tests build themselves. ggml's threads wait for each other
-after every operation, so while another process holds a core a step waits for it (8 chats beside
-three busy processes: 4× fewer tokens/s on two threads than on one, docs/PERFORMANCE.md); the
-suite shares its machine."""
+after every operation, so while another process holds a core a step waits for it (docs/
+PERFORMANCE.md, "One pass per step": two threads beside busy processes are slower than one);
+the suite shares its machine."""
 
 
 def message_id(user: str = "u") -> str:

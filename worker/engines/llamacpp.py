@@ -527,7 +527,7 @@ def requantize(source: Path, target: Path, kind: str = "Q4_0", threads: int | No
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[kind]
     params.allow_requantize = True
-    params.nthread = threads or os.cpu_count() or 1
+    params.nthread = threads or available_cpus()
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
     os.close(fd)
