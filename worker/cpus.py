@@ -18,7 +18,7 @@ CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 def quota_cpus(cpu_max: str) -> int | None:
     """The CPUs a cgroup v2 `cpu.max` allows (its quota over its period, rounded up), or None
-    when it sets no limit or cannot be read."""
+    when it sets no limit or is not what cgroup v2 writes there."""
     fields = cpu_max.split()
     if len(fields) != 2 or fields[0] == "max":
         return None

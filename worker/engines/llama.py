@@ -33,7 +33,7 @@ from worker.cancel_token import CancelToken, Phase
 from worker.engines.base import DEFAULT_TEMPERATURE, Finish, GenerationRequest
 from worker.engines.handoff import Handoff
 from worker.engines.llamacpp import (
-    ChatFormat, LlamaPrefix, Sampler, Vocab, default_threads, log_model_loaded, quiet_logs, route_logs,
+    ChatFormat, LlamaPrefix, Sampler, Vocab, log_model_loaded, quiet_logs, route_logs, thread_counts,
 )
 from worker.model.choice import EngineModel, ModelFile, engine_model_file, engine_model_name
 
@@ -150,7 +150,7 @@ class LlamaEngine:
     def _load(self) -> None:
         route_logs()
         self.model_file = engine_model_file(self._model_arg)
-        threads, threads_batch = (self._n_threads, self._n_threads) if self._n_threads else default_threads()
+        threads, threads_batch = thread_counts(self._n_threads)
         llm = llama_cpp.Llama(
             model_path=str(self.model_file.path),
             n_ctx=self.n_ctx,

@@ -87,12 +87,15 @@ class DecodeError(LlamaCppError):
         self.code = code
 
 
-def default_threads() -> tuple[int, int]:
-    """(threads for a one-token batch, threads for larger ones), as llama-cpp-python's `Llama`
-    chooses them but from the CPUs this process may use (`worker.cpus`: affinity and a
-    container's CPU limit): half of them, and all of them. Decoding one sequence's token is too
-    little work to share out (on this 2-core machine one thread did it faster than two); a
-    batch of several sequences' tokens, or of prompt tokens, is not."""
+def thread_counts(n_threads: int | None = None) -> tuple[int, int]:
+    """(threads for a one-token batch, threads for larger ones): `n_threads` for both if given,
+    else as llama-cpp-python's `Llama` chooses them but from the CPUs this process may use
+    (`worker.cpus`: affinity and a container's CPU limit): half of them, and all of them.
+    Decoding one sequence's token is too little work to share out (on this 2-core machine one
+    thread did it faster than two); a batch of several sequences' tokens, or of prompt tokens,
+    is not."""
+    if n_threads:
+        return n_threads, n_threads
     cpus = available_cpus()
     return max(1, cpus // 2), cpus
 
@@ -370,13 +373,13 @@ class Context:
         n_batch: int,
         n_threads: int | None = None,
     ) -> None:
-        """`n_threads`: for every batch; None: `default_threads()`."""
+        """`n_threads`: for every batch; None: `thread_counts()`."""
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx_seq * n_seq
         params.n_seq_max = n_seq
         params.n_batch = n_batch
         params.n_ubatch = n_batch
-        params.n_threads, params.n_threads_batch = (n_threads, n_threads) if n_threads else default_threads()
+        params.n_threads, params.n_threads_batch = thread_counts(n_threads)
         params.no_perf = True
         _set_if_present(params, "kv_unified", False)
         # CPU flash attention gives a sequence slightly different logits depending on what else
