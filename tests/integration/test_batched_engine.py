@@ -125,27 +125,35 @@ async def test_a_waiting_chat_takes_a_freed_slot_at_the_next_step() -> None:
     assert [results[2][0], results[3][0]] == solo
 
 
-async def test_a_step_decodes_in_slot_order_and_a_chat_takes_the_lowest_free_slot() -> None:
+async def test_a_freed_slot_below_busy_ones_is_filled_and_every_step_is_in_slot_order() -> None:
     """llama.cpp evaluates a step in one pass only over consecutive slots in increasing order
-    (test_llamacpp_adapter pins it): a joining chat takes the lowest free slot, not the latest
-    freed, and every step decodes its chats by slot, whatever order they were admitted in."""
+    (test_llamacpp_adapter pins it). A chat that ends below busy slots leaves a hole: with no
+    chat waiting, the chat in the highest slot moves down into it, and its answer is the same
+    as if it had run alone; a chat that joins then takes the lowest free slot. Every step lists
+    its chats by slot."""
     async with started(n_seq=3) as engine:
+        texts = {m: QUESTIONS[3 + i] for i, m in enumerate("efg")}
         tokens = {m: CancelToken() for m in "efg"}
-        running = [asyncio.create_task(collect(engine, request(m, QUESTIONS[3 + i], 1500), tokens[m]))
-                   for i, m in enumerate("efg")]
-        await until(lambda: all(engine.sequence_stats(m) and stats(engine, m).admitted_at for m in "efg"))
+        running = {m: asyncio.create_task(collect(engine, request(m, texts[m], 300), tokens[m])) for m in "efg"}
+        await until(lambda: all(engine.sequence_stats(m) and stats(engine, m).generated_tokens >= 5 for m in "efg"))
         by_slot = {stats(engine, m).slot: m for m in "efg"}
         assert set(by_slot) == {0, 1, 2}
-        for freed in (by_slot[0], by_slot[2]):  # free slot 0, then slot 2
-            tokens[freed].cancel()
-            await until(lambda: stats(engine, freed).released_at is not None)
-        h = await collect(engine, request("h", QUESTIONS[6], 20))
-        steps = list(engine.steps)  # the latest 512: while h ran
-        tokens[by_slot[1]].cancel()
-        await asyncio.gather(*running)
-    assert h[1] == [Finish("length")] and stats(engine, "h").slot == 0
-    assert any(s.decoded == ("h", by_slot[1]) for s in steps)
-    assert not any(s.decoded == (by_slot[1], "h") for s in steps)
+        low, middle, top = by_slot[0], by_slot[1], by_slot[2]
+        tokens[low].cancel()
+        await until(lambda: stats(engine, top).moves == 1)
+        h = asyncio.create_task(collect(engine, request("h", QUESTIONS[6], 20)))
+        answers = {m: await running[m] for m in (middle, top)}
+        await h
+        steps = list(engine.steps)
+        solo = await alone(engine, [request(m, texts[m], 300) for m in (middle, top)])
+    assert [answers[middle][0], answers[top][0]] == solo
+    assert (stats(engine, top).moves, stats(engine, middle).moves, stats(engine, "h").slot) == (1, 0, 2)
+    moved_at = stats(engine, low).released_step
+    assert moved_at is not None
+    assert any(s.decoded == (top, middle, "h") for s in steps)  # top now in slot 0, h in 2
+    slots = {middle: lambda i: 1, top: lambda i: 2 if i < moved_at else 0, low: lambda i: 0, "h": lambda i: 2}
+    for step in steps:
+        assert [slots[m](step.index) for m in step.decoded] == sorted(slots[m](step.index) for m in step.decoded), step
 
 
 async def test_stop_removes_only_its_own_sequence() -> None:

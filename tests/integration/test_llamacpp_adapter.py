@@ -1,5 +1,5 @@
 """What the llama engines rely on in llama.cpp, through `worker.engines.llamacpp`: decode
-return codes, one sequence removed without touching the others, logits that do not depend on
+return codes, one sequence removed without touching the others or moved to another slot, logits that do not depend on
 the batch's other sequences, one pass for a step over consecutive slots, seeded samplers, requantizing, log routing; and for the
 one-at-a-time engine, a kept prefix of a high-level `Llama`'s cache and its abort.
 
@@ -218,6 +218,58 @@ def test_a_decode_step_is_one_pass_only_for_consecutive_slots_in_order(
     finally:
         batch.close()
         ctx.close()
+
+
+def test_a_sequence_moved_to_another_slot_continues_bit_for_bit(smollm2: Model) -> None:
+    """`Context.move` (the batched engine closes holes in its busy slots with it, across KV
+    streams): the moved sequence's logits are bit for bit those it gets when it stays, its
+    neighbour's too, and the slot it left takes a new prompt like a fresh context does."""
+    prompts = {1: chat(smollm2, "Tell me a story about the sea."), 3: chat(smollm2, "Name three colors.")}
+    late = chat(smollm2, "What is the capital of France?")
+
+    def run(move: bool) -> tuple[dict[int, list[bytes]], list[bytes]]:
+        ctx = Context(smollm2, n_seq=4, n_ctx_seq=256, n_batch=CHUNK)
+        runs = {s: Run(s, p, Sampler(smollm2, banned=[], temperature=0.0, seed=None)) for s, p in prompts.items()}
+        newcomer = Run(3 if move else 2, late, Sampler(smollm2, banned=[], temperature=0.0, seed=None))
+        batch = Batch(CHUNK)
+        try:
+            for r in runs.values():
+                prefill(ctx, batch, r)
+            for step in range(24):
+                if step == 8 and move:
+                    ctx.move(3, 0)
+                    runs[3].seq = 0
+                if step == 10:
+                    prefill(ctx, batch, newcomer)
+                live = sorted([*runs.values(), *([newcomer] if step >= 10 else [])], key=lambda r: r.seq)
+                batch.clear()
+                indexes = [batch.add(r.out[-1], r.pos, r.seq, logits=True) for r in live]
+                ctx.decode(batch)
+                for r, index in zip(live, indexes):
+                    r.pos += 1
+                    r.sample(ctx, index)
+            assert ctx.positions(runs[3].seq) == runs[3].pos and ctx.positions(newcomer.seq) == newcomer.pos
+            return {s: r.logits for s, r in runs.items()}, newcomer.logits
+        finally:
+            for r in (*runs.values(), newcomer):
+                r.sampler.close()
+            batch.close()
+            ctx.close()
+
+    stayed, stayed_late = run(move=False)
+    moved, moved_late = run(move=True)
+    assert moved == stayed and moved_late == stayed_late
+    assert len(moved[3]) == 25 and len(moved_late) == 15
+
+
+def prefill(ctx: Context, batch: Batch, run: Run) -> None:
+    """The whole prompt in one call, then its first token."""
+    batch.clear()
+    for pos, token in enumerate(run.prompt):
+        batch.add(token, pos, run.seq, logits=pos == len(run.prompt) - 1)
+    ctx.decode(batch)
+    run.pos = len(run.prompt)
+    run.sample(ctx, len(run.prompt) - 1)
 
 
 def test_a_seeded_sampler_draws_the_same_tokens_every_time(builtin: Model) -> None:

@@ -9,8 +9,9 @@ worker's N job slots all share it (`[engine] * n_seq`). Its thread runs steps; e
   one chunk.
 
 Continuous batching: a sequence that ends (stop, length, cancel, error) has its KV cells
-removed (`llama_memory_seq_rm`) and its slot freed at once; a waiting request takes the slot at
-the next step. A Stop ends only its own sequence: the cancel wakes that request's `generate`,
+removed (`llama_memory_seq_rm`) and its slot freed at once; a waiting request takes the lowest
+free slot at the next step, and when none waits the sequence in the highest slot moves down into
+the hole, so that each step is one run of consecutive slots: llama.cpp's one pass. A Stop ends only its own sequence: the cancel wakes that request's `generate`,
 which returns at once, and the thread drops the sequence at the next step boundary, within one
 decode step, without touching the others (no abort callback: it would stop everyone's decode).
 
@@ -71,6 +72,9 @@ class SequenceStats:
     tokens_after_cancel: int = 0
     """Tokens sampled for it after its token was cancelled (the step that was running)."""
     slot: int | None = None
+    """The slot it was admitted into."""
+    moves: int = 0
+    """How often its KV cells were moved down into a freed slot (`_Runner.compact`)."""
     worst_prefill_step_s: float = 0.0
     """The longest step that evaluated part of its prompt: how long the chats decoding beside
     it waited for their next token because of it."""
@@ -428,6 +432,7 @@ class _Runner:
         while not engine._closing:
             self.release_stopped()
             self.admit()
+            self.compact()
             runnable = [s for s in self.active if not self.behind(s)]
             if not runnable:
                 # Nothing to do until a request, a cancel or a consumer that caught up wakes us;
@@ -462,6 +467,22 @@ class _Runner:
             seq.state = _State.PREFILL
             seq.token.set_phase(Phase.PROMPT)
             self.active.append(seq)
+
+    def compact(self) -> None:
+        """Close the holes that admission left: while a slot below the highest busy one is
+        free (after `admit`, no request waits for it), move the sequence in the highest busy
+        slot down into it. A step then covers one run of consecutive slots, one pass (see
+        `decode`) instead of one per run. llama.cpp copies the sequence's KV stream before the
+        next decode and its logits stay bit for bit the same (test_llamacpp_adapter)."""
+        while self.free and self.active:
+            top = max(self.active, key=lambda s: s.slot)
+            if self.free[0] > top.slot:
+                return
+            hole = heapq.heappop(self.free)
+            self.context.move(top.slot, hole)
+            heapq.heappush(self.free, top.slot)
+            top.slot = hole
+            top.stats.moves += 1
 
     def release_stopped(self) -> None:
         for seq in [s for s in self.active if s.stopped]:
@@ -609,6 +630,7 @@ def _log_end(stats: SequenceStats, token: CancelToken) -> None:
         message_id=stats.message_id,
         finish=stats.finish,
         slot=stats.slot,
+        moves=stats.moves,
         prompt_tokens=stats.prompt_tokens,
         generated_tokens=stats.generated_tokens,
         history_dropped=stats.history_dropped,

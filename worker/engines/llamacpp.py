@@ -4,8 +4,9 @@ Everything the llama engines ask of llama.cpp's C functions goes through here: l
 its vocabulary and chat format (template, end-of-turn stop, banned tokens), one context
 holding several sequences (`n_seq_max`, each with its own KV stream), `llama_batch` building,
 `llama_decode` with its return codes, per-sequence sampler chains, removing one sequence's KV
-cells (`llama_memory_seq_rm`), token pieces and end-of-generation checks, requantizing a GGUF,
-and llama.cpp's log lines routed into `logging`. The high-level `Llama` class has no
+cells (`llama_memory_seq_rm`) or moving them to another sequence (`llama_memory_seq_cp`), token
+pieces and end-of-generation checks, requantizing a GGUF, and llama.cpp's log lines routed into
+`logging`. The high-level `Llama` class has no
 multi-sequence API, so this uses the C functions llama.h documents; the behaviour relied on is
 pinned by tests/integration/test_llamacpp_adapter.py.
 
@@ -411,6 +412,12 @@ class Context:
         """Drop every KV cell of sequence `seq` (llama.h: removing a whole sequence never fails)."""
         if not llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1):
             raise LlamaCppError(f"llama_memory_seq_rm refused to remove sequence {seq}")
+
+    def move(self, seq: int, to: int) -> None:
+        """Move sequence `seq`'s KV cells to the empty sequence `to` (another KV stream: llama.cpp
+        copies the whole stream's buffers before the next decode), leaving `seq` empty."""
+        llama_cpp.llama_memory_seq_cp(self._memory, seq, to, -1, -1)
+        self.remove(seq)
 
     def positions(self, seq: int) -> int:
         """How many positions sequence `seq` holds in the KV cache (0 when empty)."""
