@@ -21,6 +21,7 @@ from store import ShardsMismatch
 from worker import ModelError
 from worker.engines.base import DEFAULT_TEMPERATURE, Engine
 from worker.runner import Worker, WorkerConfig
+from worker.writer import WRITE_PACE_S
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=coalesce.WINDOW_S * 1000,
         help="tokens less than this apart share a chunk (the first after a pause goes at once)",
+    )
+    parser.add_argument(
+        "--write-pace-ms",
+        type=float,
+        default=WRITE_PACE_S * 1000,
+        help="under load, chunk writes leave in at most one batch per this many ms (0: whenever the last returns)",
     )
     parser.add_argument("--grace", type=int, default=30, help="completed-message grace window, seconds")
     parser.add_argument("--drain-timeout", type=float, default=20.0, help="seconds running jobs get on SIGTERM")
@@ -142,6 +149,7 @@ async def serve(args: argparse.Namespace) -> None:
         redis_deadline_s=args.redis_deadline,
         orphan_check_s=args.orphan_check,
         coalesce_window_s=args.coalesce_ms / 1000,
+        write_pace_s=args.write_pace_ms / 1000,
         poll_every_chunks=10 if args.cancel_mode == "poll" else 0,
         lifetimes=Lifetimes(grace_s=args.grace),
     )

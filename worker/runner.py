@@ -40,7 +40,7 @@ from worker.engines.base import Engine
 from worker.job import JobServices, Running, Taken, end, run_job
 from worker.progress import SHUTDOWN
 from worker.reaper import Reaper
-from worker.writer import ChunkWriter
+from worker.writer import WRITE_PACE_S, ChunkWriter
 
 log = structlog.get_logger("worker")
 
@@ -58,6 +58,8 @@ class WorkerConfig:
     coalesce_window_s: float = coalesce.WINDOW_S
     redis_deadline_s: float = 30.0
     """How long a job's writes may be refused before it ends `error` / `unavailable`."""
+    write_pace_s: float = WRITE_PACE_S
+    """Under load, at most one batch of chunk writes per this long (`ChunkWriter`)."""
     poll_every_chunks: int = 0
     """0: cancels are pushed (pub/sub). N > 0: benchmark baseline, poll the cancel key every N chunks."""
     lifetimes: Lifetimes = field(default_factory=Lifetimes)
@@ -74,7 +76,7 @@ class Worker:
         self._blocking: AnyRedis = self.topology.client(timeout_s=config.block_ms / 1000 + 5)
         self._engines: asyncio.Queue[Engine] = asyncio.Queue()
         self._all_engines = engines
-        self.writer = ChunkWriter(self.store, self.id, deadline_s=config.redis_deadline_s)
+        self.writer = ChunkWriter(self.store, self.id, deadline_s=config.redis_deadline_s, pace_s=config.write_pace_s)
         self.running: dict[str, Running] = {}
         self.handling: set[bytes] = set()
         """Job stream entries this worker has a task for (claiming, running or ending)."""

@@ -2,6 +2,10 @@
 
 While one batch is in flight, new chunks wait; when it returns, they all leave in the next
 one. At low load each chunk leaves at once; at high load one round trip carries many chunks.
+With `pace_s`, batches also leave at most one per `pace_s` unless a full batch is waiting
+(the first after a quiet `pace_s` leaves at once, as in `protocol.coalesce`): under load each
+round trip carries more chunks, for fewer writes, reads and wake-ups per token in the worker,
+Redis and the gateways, at the price of up to `pace_s` more delay per chunk.
 
 Order per message is kept, through failures too: a write that Redis refuses for any reason
 other than fencing (OOM, READONLY, LOADING, a dropped connection...) goes back to the front
@@ -35,6 +39,9 @@ from store.retry import REDIS_ERRORS, Backoff
 from store.tasks import Supervisor
 
 log = structlog.get_logger("worker.writer")
+
+WRITE_PACE_S = 0.004
+"""The worker's default `pace_s` (docs/PERFORMANCE.md, "Write pacing")."""
 
 
 Written = Callable[[int, Append | BaseException], None]
@@ -80,8 +87,12 @@ class ChunkWriter:
         deadline_s: float = 30.0,
         max_batch: int = 512,
         max_pending: int = 1024,
+        pace_s: float = 0.0,
     ) -> None:
         self._store = store
+        self._pace_s = pace_s
+        self._sent_at = float("-inf")
+        """When the latest batch left (the loop's clock)."""
         self._worker_id = worker_id
         self._deadline_s = deadline_s
         self._max_batch = max_batch
@@ -145,6 +156,8 @@ class ChunkWriter:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
+                await self._paced()
+                self._sent_at = asyncio.get_running_loop().time()
                 batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
                 self._release(self._max_pending - len(self._queue))
                 again = await self._write(batch)
@@ -154,6 +167,13 @@ class ChunkWriter:
                 else:
                     self._backoff.reset()
             self._release(len(self._waiting))  # all written: a job woken that wrote nothing left its place unused
+
+    async def _paced(self) -> None:
+        """Wait until `pace_s` has passed since the latest batch left, unless a full batch is
+        waiting; chunks that come meanwhile leave with it."""
+        wait = self._sent_at + self._pace_s - asyncio.get_running_loop().time()
+        if wait > 0 and len(self._queue) < self._max_batch:
+            await asyncio.sleep(wait)
 
     async def _write(self, batch: list[_Append]) -> list[_Append]:
         """Write a batch; returns the items to send again, in order."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
+
+import pytest
 
 from store.redis_store import Store, connect
 from tests.support import message_id
@@ -82,3 +85,46 @@ async def test_chunk_writer_wakes_waiting_jobs_in_turn_even_when_one_gives_up(re
     finally:
         await writer.close()
         await store.close()
+
+
+async def test_chunk_writer_paces_batches_while_busy_and_sends_the_first_after_a_quiet_spell_at_once(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `pace_s`, a chunk that comes to an idle writer leaves at once; chunks that come
+    within `pace_s` of the latest batch wait and leave together, unless a full batch waits."""
+    store = Store(connect(redis_url))
+    await store.load_append_script()
+    batches: list[list[int]] = []
+    execute = store.lean.execute
+
+    async def recording(commands: Any) -> list[Any]:
+        batches.append([int(c[7]) for c in commands])  # the seq argument of each APPEND
+        return await execute(commands)
+
+    monkeypatch.setattr(store.lean, "execute", recording)
+    writer = ChunkWriter(store, "w-pace", max_batch=4, pace_s=0.5)
+    answered: list[int] = []
+    answers = {n: asyncio.Event() for n in (1, 5, 9)}
+
+    def written(seq: int, _outcome: object) -> None:
+        answered.append(seq)
+        if seq in answers:
+            answers[seq].set()
+
+    try:
+        writer.start()
+        writer.append(UNKNOWN, 1, 1, "{}", written)
+        await asyncio.wait_for(answers[1].wait(), 5)
+        for seq in range(2, 6):  # within pace_s of batch [1]: they wait, then leave together
+            writer.append(UNKNOWN, 1, seq, "{}", written)
+            for _ in range(5):
+                await asyncio.sleep(0)  # the writer's turn, were it not pacing
+        assert answered == [1]
+        await asyncio.wait_for(answers[5].wait(), 5)
+        for seq in range(6, 10):  # a full batch (max_batch 4) does not wait
+            writer.append(UNKNOWN, 1, seq, "{}", written)
+        await asyncio.wait_for(answers[9].wait(), 5)
+    finally:
+        await writer.close()
+        await store.close()
+    assert batches == [[1], [2, 3, 4, 5], [6, 7, 8, 9]]

@@ -7,6 +7,7 @@ import pytest
 from protocol import coalesce
 from worker.__main__ import event_loop, parse_args
 from worker.engines.base import DEFAULT_TEMPERATURE
+from worker.writer import WRITE_PACE_S
 
 
 def test_llama_worker_runs_on_asyncios_loop_and_others_on_uvloop() -> None:
@@ -19,6 +20,11 @@ def test_llama_worker_runs_on_asyncios_loop_and_others_on_uvloop() -> None:
 def test_coalescing_window_defaults_to_one_display_frame() -> None:
     assert parse_args(["--engine", "llama"]).coalesce_ms == coalesce.WINDOW_S * 1000 == 16.0
     assert parse_args(["--coalesce-ms", "5"]).coalesce_ms == 5.0
+
+
+def test_write_pace_defaults_to_the_writers_and_zero_turns_it_off() -> None:
+    assert parse_args([]).write_pace_ms == WRITE_PACE_S * 1000 > 0
+    assert parse_args(["--write-pace-ms", "0"]).write_pace_ms == 0.0
 
 
 def test_model_and_sampling_flags() -> None:
