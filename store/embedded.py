@@ -239,6 +239,25 @@ class EmbeddedCluster:
         for node in self.nodes:
             node.stop()
 
+    def add_replica(self, master: ClusterNode, timeout_s: float = 30.0) -> ClusterNode:
+        """Start one more node, beside `master`'s directory, and make it a replica of `master`
+        (CLUSTER MEET, CLUSTER REPLICATE); returns once the cluster is healthy again."""
+        node = _start_node(master.directory.parent, free_cluster_ports(1)[0], self.server, self.node_timeout_ms)
+        try:
+            _ready(node)
+            with node.client() as client, master.client() as seed:
+                node.node_id = _command(client, "CLUSTER", "MYID")
+                _command(seed, "CLUSTER", "MEET", "127.0.0.1", node.port)
+                _wait(lambda: len(_known(client)) == len(self.nodes) + 1, timeout_s, "the new node to meet the others")
+                _command(client, "CLUSTER", "REPLICATE", master.node_id)
+        except BaseException:
+            node.stop()
+            raise
+        self.nodes.append(node)
+        self._by_port[node.port] = node
+        self.wait_healthy(timeout_s)
+        return node
+
     def _formed(self, masters: int, replicas: int, timeout_s: float) -> EmbeddedCluster:
         """The nodes, joined into a cluster (stopped if that fails)."""
         try:
@@ -283,33 +302,42 @@ class _NodeExited(RuntimeError):
     """A node exited at start (its port or bus port was taken)."""
 
 
+def _start_node(directory: Path, port: int, server: str, node_timeout_ms: int) -> ClusterNode:
+    """A cluster-enabled redis-server on `port`, in a fresh `directory / port`; not waited for."""
+    node_dir = directory / str(port)
+    shutil.rmtree(node_dir, ignore_errors=True)
+    node_dir.mkdir(parents=True)
+    command = [
+        *server_command(port, node_dir, server=server),
+        "--cluster-enabled", "yes",
+        "--cluster-config-file", "nodes.conf",
+        "--cluster-node-timeout", str(node_timeout_ms),
+        # a replica takes over however long ago it last heard its master
+        "--cluster-replica-validity-factor", "0",
+        "--logfile", str(node_dir / "redis.log"),
+    ]
+    return ClusterNode(port, command, node_dir, subprocess.Popen(command))
+
+
 def _start_nodes(directory: Path, ports: list[int], server: str, node_timeout_ms: int) -> EmbeddedCluster:
     nodes: list[ClusterNode] = []
     try:
         for port in ports:
-            node_dir = directory / str(port)
-            shutil.rmtree(node_dir, ignore_errors=True)
-            node_dir.mkdir(parents=True)
-            command = [
-                *server_command(port, node_dir, server=server),
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(node_timeout_ms),
-                # a replica takes over however long ago it last heard its master
-                "--cluster-replica-validity-factor", "0",
-                "--logfile", str(node_dir / "redis.log"),
-            ]
-            nodes.append(ClusterNode(port, command, node_dir, subprocess.Popen(command)))
+            nodes.append(_start_node(directory, port, server, node_timeout_ms))
         for node in nodes:
-            try:
-                wait_ready(node.port, proc=node.proc)
-            except RuntimeError as exc:
-                raise _NodeExited(f"node {node.port}: {exc}; see {node.directory / 'redis.log'}") from exc
+            _ready(node)
     except BaseException:
         for node in nodes:
             node.stop()
         raise
     return EmbeddedCluster(nodes, server, node_timeout_ms)
+
+
+def _ready(node: ClusterNode) -> None:
+    try:
+        wait_ready(node.port, proc=node.proc)
+    except RuntimeError as exc:
+        raise _NodeExited(f"node {node.port}: {exc}; see {node.directory / 'redis.log'}") from exc
 
 
 def _form(cluster: EmbeddedCluster, masters: int, replicas: int, timeout_s: float) -> None:

@@ -128,8 +128,8 @@ class Store:
         default). False only for the polling baseline of the benchmarks: the cancel just sets
         the key, and the worker that polls it writes the terminal. `keyspace`, `publish`,
         `lean` and `wait_replicas`: the deployment's (`open`); the defaults are one Redis with
-        one shard. With `wait_replicas`, a terminal event is published only once that many
-        replicas of its master have it (`_ended`)."""
+        one shard. With `wait_replicas`, a terminal event is published only once a replica of
+        its master has it, if that master has one (`_ended`)."""
         self.redis = client
         self.keyspace = keyspace or Keyspace()
         self.lifetimes = lt = lifetimes or Lifetimes()
@@ -321,7 +321,7 @@ class Store:
         ''). With `wait_replicas`, the script defers the end (`store.scripts.write_terminal`):
         it goes into the log and out to clients here (`publish_end`) once a replica of the
         message's master has it (WAIT), so no client sees an end a failover could lose (a
-        master left without replicas, after a failover, waits for none). `replicated`: no
+        master that has no replica now, as ROLE says, waits for none). `replicated`: no
         replica answering in time is `NotReplicated` (the caller retries; the scripts answer a
         repeated call as the first), instead of publishing anyway."""
         if not self._wait_replicas:
@@ -339,12 +339,26 @@ class Store:
         if not frame:
             return reply
         replicas = len(raised(replies[1])[2])
-        if replicas:
-            _, acked = await self.lean.execute([("EXISTS", script_keys[0]), ("WAIT", 1, WAIT_MS)])
-            if replicated and int(raised(acked)) < 1:
+        wait = [("EXISTS", script_keys[0]), ("WAIT", 1, WAIT_MS)]  # EXISTS: WAIT goes to its master
+        if not replicas:
+            await self.publish_end(message_id)
+        elif replicated:
+            _, acked = await self.lean.execute(wait)
+            if int(raised(acked)) < 1:
                 raise NotReplicated(f"the end of {message_id} is on no replica yet")
-        await self.publish_end(message_id)
+            await self.publish_end(message_id)
+        else:  # published whatever the wait returns: in the same round trip, after it
+            *_, published = await self.lean.execute([*wait, self._end_log_call(message_id)])
+            try:
+                raised(published)
+            except redis.exceptions.NoScriptError:
+                await self.publish_end(message_id)
         return reply
+
+    def _end_log_call(self, message_id: str) -> Command:
+        """`publish_end`'s script call, for a pipeline."""
+        return ("EVALSHA", self._end_log.sha, 2, keys.meta(message_id), keys.log(message_id),
+                keys.live_channel(message_id))
 
     async def publish_end(self, message_id: str) -> bool:
         """Put a message's deferred end into its log and out to clients (see `_ended`); False

@@ -50,7 +50,7 @@ end
 -- `text` false: the answer's text is saved later (`save_answer`) by the worker that has it.
 -- The terminal sits right after the last chunk the store accepted (`last_seq`): `head .. seq ..
 -- tail` is its frame, returned. It goes into the log and out on `channel` at once, or, with
--- C.defer_end 1 (a Redis Cluster whose masters have replicas), it is kept in the meta hash
+-- C.defer_end 1 (a Redis Cluster), it is kept in the meta hash
 -- (`end`) and put there by END_LOG once a replica has the end, so that no reader sees an end a
 -- failover could lose. `reason`: the cancel's, kept in the meta hash (nil for other ends).
 local function write_terminal(mid, channel, state, head, tail, text, hist_status, grace_status, reason)

@@ -49,8 +49,10 @@ class Topology:
     sharded_pubsub: bool = False
     """Scripts publish with SPUBLISH (a Redis 7 cluster) instead of PUBLISH."""
     wait_replicas: int = 0
-    """Replicas that must have a terminal event before it is published (1 on a cluster whose
-    masters all have one; 0 on one Redis)."""
+    """1 on a cluster: a terminal event is published only once a replica of its master has
+    it, when that master has a replica at the time (`Store._ended` asks it with ROLE, so a
+    replica that joins later counts, and a master left without one waits for none); 0 on one
+    Redis."""
 
     @property
     def publish(self) -> str:
@@ -125,8 +127,9 @@ async def discover(url: str, *, cluster: bool = False, shards: int | None = None
                 assert isinstance(lean, ClusterClient)
                 default = SHARDS_PER_MASTER * len(lean.masters())
                 sharded_pubsub = await has_sharded_pubsub(lean)
-                slots: list[Any] = await lean.call("CLUSTER", "SLOTS")
-                wait_replicas = int(bool(slots) and all(len(entry) > 3 for entry in slots))
+                # not from CLUSTER SLOTS: Redis 7 leaves a replica out of it until the replica
+                # has replicated data, so a young cluster looked replica-less for good
+                wait_replicas = 1
             finally:
                 await lean.close()
         wanted = shards or default

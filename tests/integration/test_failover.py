@@ -11,6 +11,7 @@ that resumes from the start on another gateway reads the very chunks the first o
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +19,26 @@ from pathlib import Path
 import pytest
 from redis.crc import key_slot
 
+from store import embedded as embedded_redis
 from store import keys
 from store.embedded import ClusterNode, EmbeddedCluster
 from tests.cluster import healthy_and_flushed, restore
 from tests.support import ProcessCluster, assert_stream_ok, client, t, wait_until
 
 pytestmark = pytest.mark.chaos
+
+
+@pytest.fixture(params=["6.2", "7"])
+def replicaless_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EmbeddedCluster]:
+    """A fresh cluster of 3 masters and no replicas, of its own: the test adds one."""
+    server = "" if request.param == "6.2" else embedded_redis.redis7_server()
+    if server is None:
+        pytest.skip("no redis-server 7 on PATH (apt-get install redis-server)")
+    cluster = embedded_redis.start_cluster(tmp_path / "nodes", masters=3, replicas=0, server=server, timeout_s=t(30))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture
@@ -113,3 +128,65 @@ async def test_an_end_is_published_only_once_a_replica_has_it(
         end = await a.terminal(mid, timeout=t(20))
     assert end["type"] == "done"
     assert_stream_ok(a, mid)
+
+
+async def test_a_replica_that_joins_later_holds_back_its_masters_ends(
+    replicaless_cluster: EmbeddedCluster, processes: list[ProcessCluster], tmp_path: Path
+) -> None:
+    """Gateways and workers start on a cluster whose masters have no replica (a young Redis 7
+    cluster also looks so in CLUSTER SLOTS, for its first seconds). A replica added later
+    counts from then on: with it stopped, a message of its master cannot end."""
+    cluster = ProcessCluster(replicaless_cluster.url, tmp_path, cluster=True)
+    processes.append(cluster)
+    gw = cluster.add_gateway()
+    cluster.add_worker("--engine", "synthetic", "--synthetic-rate", "100")
+    await cluster.wait_healthy(timeout=30)
+    async with client(gw.port or 0, "alice") as a:
+        first = await a.chat("s", max_tokens=5)
+        assert (await a.terminal(first, timeout=t(10)))["type"] == "done", "no replica, no wait"
+        master = replicaless_cluster.owner(key_slot(keys.meta(first).encode()))
+        replica = await asyncio.to_thread(replicaless_cluster.add_replica, master, t(30))
+        mid = await a.chat("s", max_tokens=60)
+        await a.wait_for(lambda f: f["type"] == "chunk" and f["message_id"] == mid)
+        replica.proc.send_signal(signal.SIGSTOP)
+        try:
+            await a.wait_for(lambda f: len(a.text(mid).split()) == 60, timeout=20)
+            with pytest.raises(TimeoutError):
+                await a.terminal(mid, timeout=3)
+            with master.client() as r:
+                assert r.hget(keys.meta(mid), "state") == b"done", "written on the master, not yet published"
+        finally:
+            replica.proc.send_signal(signal.SIGCONT)
+        end = await a.terminal(mid, timeout=t(20))
+    assert end["type"] == "done"
+    assert_stream_ok(a, mid)
+
+
+async def test_a_stop_ends_its_message_while_the_replica_is_stopped(
+    redis_cluster: EmbeddedCluster, processes: list[ProcessCluster], tmp_path: Path
+) -> None:
+    """A Stop must not wait on a replica: with the master's replica stopped, the cancel's end
+    goes out once WAIT gives up (1 s), and it is in the log for a client that resumes."""
+    embedded = await healthy_and_flushed(redis_cluster)
+    cluster = ProcessCluster(embedded.url, tmp_path, cluster=True)
+    processes.append(cluster)
+    g1, g2 = cluster.add_gateway(), cluster.add_gateway()
+    cluster.add_worker("--engine", "synthetic", "--synthetic-rate", "40")
+    await cluster.wait_healthy(timeout=30)
+    async with client(g1.port or 0, "alice") as a, client(g2.port or 0, "alice") as b:
+        mid = await a.chat("s", max_tokens=400)
+        await a.wait_for(lambda f: f["type"] == "chunk" and f["message_id"] == mid)
+        master = embedded.owner(key_slot(keys.meta(mid).encode()))
+        (replica,) = embedded.replicas_of(master)
+        replica.proc.send_signal(signal.SIGSTOP)
+        try:
+            result = await b.cancel(message_id=mid)
+            assert result["status"] == "cancelling", result
+            end = await a.terminal(mid, timeout=t(5))
+        finally:
+            replica.proc.send_signal(signal.SIGCONT)
+        assert end["type"] == "cancelled", end
+        assert_stream_ok(a, mid)
+        await b.send(type="resume", message_id=mid, after_seq=0)
+        assert (await b.terminal(mid, timeout=t(10))) == end
+        assert b.chunks(mid) == a.chunks(mid)
