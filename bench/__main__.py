@@ -1,7 +1,7 @@
 """`python -m bench [NAME ...] [--quick] [--json PATH] [--minutes N]`: run the benchmarks, print one table.
 
 NAME is one or more of relay_overhead, cancel_latency, throughput, idle_memory, pubsub_cost, job_memory,
-cluster_clients, cluster_pubsub, cluster_compare, chaos, openai_edge, batched (default: all, what
+cluster_clients, cluster_pubsub, cluster_trips, cluster_compare, chaos, openai_edge, batched (default: all, what
 `make bench` runs); `soak` runs only when named (`--minutes N`, default 30). `--quick` uses tiny sizes (the smoke test); `--json PATH` writes
 every figure. Each benchmark starts its own Redis, gateways and workers as processes, runs its
 clients in separate processes, and stops them all when it ends, fails or is interrupted.
@@ -31,6 +31,7 @@ import bench.cancel_latency as cancel_latency
 import bench.cluster_clients as cluster_clients
 import bench.cluster_compare as cluster_compare
 import bench.cluster_pubsub as cluster_pubsub
+import bench.cluster_trips as cluster_trips
 import bench.chaos as chaos
 import bench.idle_memory as idle_memory
 import bench.job_memory as job_memory
@@ -52,6 +53,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     job_memory.NAME: job_memory.run,
     cluster_clients.NAME: cluster_clients.run,
     cluster_pubsub.NAME: cluster_pubsub.run,
+    cluster_trips.NAME: cluster_trips.run,
     cluster_compare.NAME: cluster_compare.run,
     chaos.NAME: chaos.run,
     openai_edge.NAME: openai_edge.run,

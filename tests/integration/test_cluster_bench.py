@@ -30,3 +30,15 @@ def test_cluster_pubsub_quick(tmp_path: Path) -> None:
         assert result["messages"] > 0
         number(result["script_node_cpu_us_per_message"])
         number(result["SPUBLISH_node_cpu_us_per_message" if "sharded" in name else "PUBLISH_node_cpu_us_per_message"])
+
+
+def test_cluster_trips_quick(tmp_path: Path) -> None:
+    figures = run_bench("cluster_trips", tmp_path)
+    for name in ("single", "single_third", "cluster"):
+        result = figures[name]
+        assert result["writes"] > 0
+        assert result["delivered"] == result["writes"], "every write published to the subscriber"
+        assert number(result["us_per_write"]) > 0
+    assert figures["single"]["writes_per_s"] > figures["single_third"]["writes_per_s"]
+    number(figures["round_trip_us"])
+    number(figures["cluster_predicted_us_per_write"])
