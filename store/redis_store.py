@@ -149,6 +149,9 @@ class Store:
         }
         self._publish = publish
         self._wait_replicas = wait_replicas
+        self._replicated_tags: dict[str, bool] = {}
+        """Shard tag → whether its master had a replica at the latest end here (ROLE); at most
+        one entry per shard."""
         if lean is None:
             assert isinstance(client, Redis)
             pool = client.connection_pool
@@ -327,18 +330,29 @@ class Store:
         if not self._wait_replicas:
             reply: list[Any] = await self._lean_script(script, script_keys, args)
             return reply
+        tag = tag_of(message_id)
+        # a cancel on a master that had a replica last time: its wait and publish ride along
+        # (only a `cancelled` end: a worker's end must not go out before a replica has it)
+        along = not replicated and self._replicated_tags.get(tag, False)
         call = ("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
-        replies = await self.lean.execute([call, ("ROLE",)])  # ROLE goes to the script's master
+        # ROLE and WAIT go to the script's master
+        tail = [("WAIT", 1, WAIT_MS), self._end_log_call(message_id, "cancelled")] if along else []
+        batch = [call, ("ROLE",), *tail]
+        replies = await self.lean.execute(batch)
         try:
             reply = raised(replies[0])
         except redis.exceptions.NoScriptError:
             await self.redis.script_load(script.script)
-            replies = await self.lean.execute([call, ("ROLE",)])
+            replies = await self.lean.execute(batch)
             reply = raised(replies[0])
-        frame = reply[-1]
-        if not frame:
-            return reply
         replicas = len(raised(replies[1])[2])
+        self._replicated_tags[tag] = bool(replicas)
+        if along:
+            # published whatever the wait returned (END_LOG did nothing if no `cancelled` end)
+            await self._published(replies[3], message_id)
+            return reply
+        if not reply[-1]:  # no end written (the message had ended, or is not ours)
+            return reply
         wait = [("EXISTS", script_keys[0]), ("WAIT", 1, WAIT_MS)]  # EXISTS: WAIT goes to its master
         if not replicas:
             await self.publish_end(message_id)
@@ -349,16 +363,20 @@ class Store:
             await self.publish_end(message_id)
         else:  # published whatever the wait returns: in the same round trip, after it
             *_, published = await self.lean.execute([*wait, self._end_log_call(message_id)])
-            try:
-                raised(published)
-            except redis.exceptions.NoScriptError:
-                await self.publish_end(message_id)
+            await self._published(published, message_id)
         return reply
 
-    def _end_log_call(self, message_id: str) -> Command:
-        """`publish_end`'s script call, for a pipeline."""
+    async def _published(self, reply: Any, message_id: str) -> None:
+        """END_LOG's reply from a pipeline: run it again (loading it) if Redis lost the script."""
+        try:
+            raised(reply)
+        except redis.exceptions.NoScriptError:
+            await self.publish_end(message_id)
+
+    def _end_log_call(self, message_id: str, *state: str) -> Command:
+        """`publish_end`'s script call, for a pipeline; with a `state`, only an end of it."""
         return ("EVALSHA", self._end_log.sha, 2, keys.meta(message_id), keys.log(message_id),
-                keys.live_channel(message_id))
+                keys.live_channel(message_id), *state)
 
     async def publish_end(self, message_id: str) -> bool:
         """Put a message's deferred end into its log and out to clients (see `_ended`); False

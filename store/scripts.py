@@ -236,12 +236,13 @@ return {1, write_terminal(ARGV[1], ARGV[12], ARGV[4], ARGV[5], ARGV[6], ARGV[7],
 """
 
 END_LOG = r"""
--- KEYS: meta, log; ARGV: live channel
+-- KEYS: meta, log; ARGV: live channel, and optionally a state: only an end of that state
 -- A deferred end (write_terminal with C.defer_end 1) goes into the log, after the last chunk,
--- and out on the live channel. Returns 1, or 0 when there is no deferred end. Run again, it
--- adds nothing to the log (and publishes again: relays drop a terminal they already have).
-local m = redis.call('HMGET', KEYS[1], 'end', 'last_seq')
-if not m[1] then return 0 end
+-- and out on the live channel. Returns 1, or 0 when there is no deferred end (of that state).
+-- Run again, it adds nothing to the log (and publishes again: relays drop a terminal they
+-- already have).
+local m = redis.call('HMGET', KEYS[1], 'end', 'last_seq', 'state')
+if not m[1] or (ARGV[2] and m[3] ~= ARGV[2]) then return 0 end
 local position = tonumber(m[2] or '0') + 1
 local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
 if not top or tonumber(string.match(top[1], '^(%d+)')) < position then

@@ -166,7 +166,8 @@ async def test_a_stop_ends_its_message_while_the_replica_is_stopped(
     redis_cluster: EmbeddedCluster, processes: list[ProcessCluster], tmp_path: Path
 ) -> None:
     """A Stop must not wait on a replica: with the master's replica stopped, the cancel's end
-    goes out once WAIT gives up (1 s), and it is in the log for a client that resumes."""
+    goes out once WAIT gives up (1 s), and it is in the log for a client that resumes. A Stop
+    of a message whose worker's end waits for the replica does not publish that end."""
     embedded = await healthy_and_flushed(redis_cluster)
     cluster = ProcessCluster(embedded.url, tmp_path, cluster=True)
     processes.append(cluster)
@@ -174,6 +175,10 @@ async def test_a_stop_ends_its_message_while_the_replica_is_stopped(
     cluster.add_worker("--engine", "synthetic", "--synthetic-rate", "40")
     await cluster.wait_healthy(timeout=30)
     async with client(g1.port or 0, "alice") as a, client(g2.port or 0, "alice") as b:
+        first = await a.chat("s", max_tokens=400)  # the cancelling gateway learns the master has a replica
+        await a.wait_for(lambda f: f["type"] == "chunk" and f["message_id"] == first)
+        assert (await b.cancel(message_id=first))["status"] == "cancelling"
+        assert (await a.terminal(first, timeout=t(5)))["type"] == "cancelled"
         mid = await a.chat("s", max_tokens=400)
         await a.wait_for(lambda f: f["type"] == "chunk" and f["message_id"] == mid)
         master = embedded.owner(key_slot(keys.meta(mid).encode()))
@@ -183,10 +188,16 @@ async def test_a_stop_ends_its_message_while_the_replica_is_stopped(
             result = await b.cancel(message_id=mid)
             assert result["status"] == "cancelling", result
             end = await a.terminal(mid, timeout=t(5))
+            done = await a.chat("s", max_tokens=10)
+            await a.wait_for(lambda f: len(a.text(done).split()) == 10, timeout=20)
+            assert (await b.cancel(message_id=done))["status"] == "already_completed"
+            with pytest.raises(TimeoutError):
+                await a.terminal(done, timeout=2)
         finally:
             replica.proc.send_signal(signal.SIGCONT)
         assert end["type"] == "cancelled", end
         assert_stream_ok(a, mid)
+        assert (await a.terminal(done, timeout=t(20)))["type"] == "done"
         await b.send(type="resume", message_id=mid, after_seq=0)
         assert (await b.terminal(mid, timeout=t(10))) == end
         assert b.chunks(mid) == a.chunks(mid)
