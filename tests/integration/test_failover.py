@@ -23,7 +23,7 @@ from store import embedded as embedded_redis
 from store import keys
 from store.embedded import ClusterNode, EmbeddedCluster
 from tests.cluster import healthy_and_flushed, restore
-from tests.support import ProcessCluster, assert_stream_ok, client, t, wait_until
+from tests.support import Client, ProcessCluster, assert_stream_ok, client, t, wait_until
 
 pytestmark = pytest.mark.chaos
 
@@ -116,16 +116,22 @@ async def test_an_end_is_published_only_once_a_replica_has_it(
         await a.wait_for(lambda f: f["type"] == "chunk" and f["message_id"] == mid)
         master = embedded.owner(key_slot(keys.meta(mid).encode()))
         (replica,) = embedded.replicas_of(master)
-        replica.proc.send_signal(signal.SIGSTOP)
-        try:
-            await a.wait_for(lambda f: len(a.text(mid).split()) == 60, timeout=20)  # every token streamed
-            with pytest.raises(TimeoutError):
-                await a.terminal(mid, timeout=3)
-            with master.client() as r:
-                assert r.hget(keys.meta(mid), "state") == b"done", "written on the master, not yet published"
-        finally:
-            replica.proc.send_signal(signal.SIGCONT)
-        end = await a.terminal(mid, timeout=t(20))
+        await end_waits_for(replica, master, a, mid, tokens=60)
+
+
+async def end_waits_for(replica: ClusterNode, master: ClusterNode, a: Client, mid: str, tokens: int) -> None:
+    """With `replica` stopped, every token of `mid` streams but its end stays on the master;
+    once the replica is back, the end goes out, once."""
+    replica.proc.send_signal(signal.SIGSTOP)
+    try:
+        await a.wait_for(lambda f: len(a.text(mid).split()) == tokens, timeout=20)  # every token streamed
+        with pytest.raises(TimeoutError):
+            await a.terminal(mid, timeout=3)
+        with master.client() as r:
+            assert r.hget(keys.meta(mid), "state") == b"done", "written on the master, not yet published"
+    finally:
+        replica.proc.send_signal(signal.SIGCONT)
+    end = await a.terminal(mid, timeout=t(20))
     assert end["type"] == "done"
     assert_stream_ok(a, mid)
 
@@ -148,18 +154,7 @@ async def test_a_replica_that_joins_later_holds_back_its_masters_ends(
         replica = await asyncio.to_thread(replicaless_cluster.add_replica, master, t(30))
         mid = await a.chat("s", max_tokens=60)
         await a.wait_for(lambda f: f["type"] == "chunk" and f["message_id"] == mid)
-        replica.proc.send_signal(signal.SIGSTOP)
-        try:
-            await a.wait_for(lambda f: len(a.text(mid).split()) == 60, timeout=20)
-            with pytest.raises(TimeoutError):
-                await a.terminal(mid, timeout=3)
-            with master.client() as r:
-                assert r.hget(keys.meta(mid), "state") == b"done", "written on the master, not yet published"
-        finally:
-            replica.proc.send_signal(signal.SIGCONT)
-        end = await a.terminal(mid, timeout=t(20))
-    assert end["type"] == "done"
-    assert_stream_ok(a, mid)
+        await end_waits_for(replica, master, a, mid, tokens=60)
 
 
 async def test_a_stop_ends_its_message_while_the_replica_is_stopped(
