@@ -270,9 +270,9 @@ class Relay:
             self._ask_resync("start")
 
     async def run(self) -> None:
-        await self.hub.watch(self)
         metrics.STREAMS.inc()
         try:
+            await self.hub.watch(self)  # in the try: a relay cancelled while it subscribes leaves the hub too
             while not self.tracker.finished:
                 if self._resync:
                     self._resync = False

@@ -404,11 +404,12 @@ class Store:
         return turn_decoder.decode(raw).message_id if raw is not None else None
 
     async def message_owner(self, message_id: str) -> Owner | None:
-        """Owner and state of a message, or None when it does not exist (anymore)."""
+        """Owner and state of a message, or None when it does not exist (anymore). On the lean
+        connection: relays call it while their client may leave, and redis-py (8.1, Python
+        3.11) can swallow a cancellation that lands in the middle of a command (the handler of
+        a departed HTTP client then waits on for its message instead of stopping it)."""
         async with guarded():
-            user, state, session_id = await self.redis.hmget(
-                keys.meta(message_id), ["user", "state", "session_id"]
-            )
+            user, state, session_id = await self.lean.call("HMGET", keys.meta(message_id), "user", "state", "session_id")
         if user is None or state is None or session_id is None:
             return None
         return Owner(_s(user), _s(state), _s(session_id))
