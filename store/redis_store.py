@@ -113,6 +113,11 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _script_call(script: Any, script_keys: list[str], args: Sequence[Any]) -> Command:
+    """A registered script's EVALSHA, as the lean connection sends it."""
+    return ("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
+
+
 class Store:
     def __init__(
         self,
@@ -122,13 +127,13 @@ class Store:
         keyspace: Keyspace | None = None,
         publish: str = "PUBLISH",
         lean: CommandClient | None = None,
-        wait_replicas: int = 0,
+        defer_ends: bool = False,
     ) -> None:
         """`cancel_ends`: a cancel of a running message ends it in the store at once (the
         default). False only for the polling baseline of the benchmarks: the cancel just sets
         the key, and the worker that polls it writes the terminal. `keyspace`, `publish`,
-        `lean` and `wait_replicas`: the deployment's (`open`); the defaults are one Redis with
-        one shard. With `wait_replicas`, a terminal event is published only once a replica of
+        `lean` and `defer_ends`: the deployment's (`open`); the defaults are one Redis with
+        one shard. With `defer_ends`, a terminal event is published only once a replica of
         its master has it, if that master has one (`_ended`)."""
         self.redis = client
         self.keyspace = keyspace or Keyspace()
@@ -145,10 +150,10 @@ class Store:
             "detach_ms": lt.detach_grace_ms,
             "cancel_ends": int(cancel_ends),
             "publish": publish,
-            "defer_end": int(bool(wait_replicas)),
+            "defer_end": int(defer_ends),
         }
         self._publish = publish
-        self._wait_replicas = wait_replicas
+        self._defer_ends = defer_ends
         self._replicated_tags: dict[str, bool] = {}
         """Shard tag → whether its master had a replica at the latest end here (ROLE); at most
         one entry per shard."""
@@ -179,7 +184,7 @@ class Store:
         """The store of a deployment: its clients, shards and publish command."""
         return cls(
             topology.client(timeout_s), lifetimes, cancel_ends, topology.keyspace, topology.publish,
-            topology.lean(timeout_s), topology.wait_replicas,
+            topology.lean(timeout_s), topology.defer_ends,
         )
 
     async def start(self) -> None:
@@ -275,7 +280,7 @@ class Store:
                 self._ending_keys(message_id, user, _s(session_id)),
                 [message_id, user, _s(session_id), reason, head, tail, keys.live_channel(message_id)],
                 message_id,
-                replicated=False,
+                cancel=True,
             )
         return cast(CancelStatus, _s(status)), _s(worker)
 
@@ -309,35 +314,37 @@ class Store:
             for reply in await self.lean.execute(commands):
                 raised(reply)
 
-    async def _lean_script(self, script: Any, script_keys: list[str], args: list[Any]) -> Any:
+    async def _lean_script(self, script: Any, script_keys: list[str], args: Sequence[Any]) -> Any:
         """Run a registered script by EVALSHA on the lean connection; redis-py's slower path
         (which loads it) only when Redis has lost its scripts (NOSCRIPT)."""
         try:
-            return await self.lean.call("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
+            return await self.lean.call(*_script_call(script, script_keys, args))
         except redis.exceptions.NoScriptError:
             return await script(keys=script_keys, args=args)
 
     async def _ended(
-        self, script: Any, script_keys: list[str], args: list[Any], message_id: str, *, replicated: bool
+        self, script: Any, script_keys: list[str], args: list[Any], message_id: str, *, cancel: bool
     ) -> list[Any]:
         """Run a script that may end a message (its last reply: the terminal frame it wrote, or
-        ''). With `wait_replicas`, the script defers the end (`store.scripts.write_terminal`):
-        it goes into the log and out to clients here (`publish_end`) once a replica of the
+        ''). With `defer_ends`, the script defers the end (`store.scripts.write_terminal`): it
+        goes into the log and out to clients here (`publish_end`) once a replica of the
         message's master has it (WAIT), so no client sees an end a failover could lose (a
-        master that has no replica now, as ROLE says, waits for none). `replicated`: no
-        replica answering in time is `NotReplicated` (the caller retries; the scripts answer a
-        repeated call as the first), instead of publishing anyway."""
-        if not self._wait_replicas:
+        master that has no replica now, as ROLE says, waits for none).
+
+        `cancel`: a Stop's end goes out whatever the wait returns (the Stop must end the
+        stream), and only a `cancelled` end does: a worker's end the Stop found still waiting
+        for a replica stays held. A worker's end (not `cancel`) that no replica has in time is
+        `NotReplicated` (the caller retries; the scripts answer a repeated call as the first)."""
+        if not self._defer_ends:
             reply: list[Any] = await self._lean_script(script, script_keys, args)
             return reply
         tag = tag_of(message_id)
+        only = ("cancelled",) if cancel else ()
         # a cancel on a master that had a replica last time: its wait and publish ride along
-        # (only a `cancelled` end: a worker's end must not go out before a replica has it)
-        along = not replicated and self._replicated_tags.get(tag, False)
-        call = ("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
+        along = cancel and self._replicated_tags.get(tag, False)
         # ROLE and WAIT go to the script's master
-        tail = [("WAIT", 1, WAIT_MS), self._end_log_call(message_id, "cancelled")] if along else []
-        batch = [call, ("ROLE",), *tail]
+        tail = [("WAIT", 1, WAIT_MS), self._end_log_call(message_id, *only)] if along else []
+        batch = [_script_call(script, script_keys, args), ("ROLE",), *tail]
         replies = await self.lean.execute(batch)
         try:
             reply = raised(replies[0])
@@ -349,42 +356,44 @@ class Store:
         self._replicated_tags[tag] = bool(replicas)
         if along:
             # published whatever the wait returned (END_LOG did nothing if no `cancelled` end)
-            await self._published(replies[3], message_id)
+            await self._published(replies[3], message_id, only)
             return reply
         if not reply[-1]:  # no end written (the message had ended, or is not ours)
             return reply
         wait = [("EXISTS", script_keys[0]), ("WAIT", 1, WAIT_MS)]  # EXISTS: WAIT goes to its master
         if not replicas:
-            await self.publish_end(message_id)
-        elif replicated:
+            await self.publish_end(message_id, *only)
+        elif cancel:  # published whatever the wait returns: in the same round trip, after it
+            *_, published = await self.lean.execute([*wait, self._end_log_call(message_id, *only)])
+            await self._published(published, message_id, only)
+        else:
             _, acked = await self.lean.execute(wait)
             if int(raised(acked)) < 1:
                 raise NotReplicated(f"the end of {message_id} is on no replica yet")
             await self.publish_end(message_id)
-        else:  # published whatever the wait returns: in the same round trip, after it
-            *_, published = await self.lean.execute([*wait, self._end_log_call(message_id)])
-            await self._published(published, message_id)
         return reply
 
-    async def _published(self, reply: Any, message_id: str) -> None:
+    async def _published(self, reply: Any, message_id: str, only: tuple[str, ...]) -> None:
         """END_LOG's reply from a pipeline: run it again (loading it) if Redis lost the script."""
         try:
             raised(reply)
         except redis.exceptions.NoScriptError:
-            await self.publish_end(message_id)
+            await self.publish_end(message_id, *only)
+
+    def _end_log_args(self, message_id: str, *state: str) -> tuple[list[str], list[str]]:
+        """END_LOG's keys and arguments; with a `state`, it publishes only an end of it."""
+        return [keys.meta(message_id), keys.log(message_id)], [keys.live_channel(message_id), *state]
 
     def _end_log_call(self, message_id: str, *state: str) -> Command:
-        """`publish_end`'s script call, for a pipeline; with a `state`, only an end of it."""
-        return ("EVALSHA", self._end_log.sha, 2, keys.meta(message_id), keys.log(message_id),
-                keys.live_channel(message_id), *state)
+        """`publish_end`'s script call, for a pipeline."""
+        return _script_call(self._end_log, *self._end_log_args(message_id, *state))
 
-    async def publish_end(self, message_id: str) -> bool:
-        """Put a message's deferred end into its log and out to clients (see `_ended`); False
-        when it has none (it ended without deferring, or it has not ended)."""
+    async def publish_end(self, message_id: str, *state: str) -> bool:
+        """Put a message's deferred end into its log and out to clients (see `_ended`); with a
+        `state`, only an end of it. False when it has none (it ended without deferring, or it
+        has not ended)."""
         async with guarded():
-            done = await self._lean_script(
-                self._end_log, [keys.meta(message_id), keys.log(message_id)], [keys.live_channel(message_id)]
-            )
+            done = await self._lean_script(self._end_log, *self._end_log_args(message_id, *state))
         return bool(done)
 
     async def notify_worker(self, worker_id: str, message_id: str) -> None:
@@ -579,7 +588,7 @@ class Store:
                     keys.live_channel(message_id),
                 ],
                 message_id,
-                replicated=True,
+                cancel=False,
             )
         return _ENDINGS[int(ok)]
 

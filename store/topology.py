@@ -48,11 +48,13 @@ class Topology:
     keyspace: Keyspace = field(default_factory=Keyspace)
     sharded_pubsub: bool = False
     """Scripts publish with SPUBLISH (a Redis 7 cluster) instead of PUBLISH."""
-    wait_replicas: int = 0
-    """1 on a cluster: a terminal event is published only once a replica of its master has
-    it, when that master has a replica at the time (`Store._ended` asks it with ROLE, so a
-    replica that joins later counts, and a master left without one waits for none); 0 on one
-    Redis."""
+
+    @property
+    def defer_ends(self) -> bool:
+        """On a cluster: a terminal event is published only once a replica of its master has
+        it, when that master has a replica at the time (`Store._ended` asks it with ROLE, so a
+        replica that joins later counts, and a master left without one waits for none)."""
+        return self.cluster
 
     @property
     def publish(self) -> str:
@@ -119,7 +121,6 @@ async def discover(url: str, *, cluster: bool = False, shards: int | None = None
     try:
         sharded_pubsub = False
         default = 1
-        wait_replicas = 0
         if cluster:
             lean = probe.lean()
             try:
@@ -127,9 +128,6 @@ async def discover(url: str, *, cluster: bool = False, shards: int | None = None
                 assert isinstance(lean, ClusterClient)
                 default = SHARDS_PER_MASTER * len(lean.masters())
                 sharded_pubsub = await has_sharded_pubsub(lean)
-                # not from CLUSTER SLOTS: Redis 7 leaves a replica out of it until the replica
-                # has replicated data, so a young cluster looked replica-less for good
-                wait_replicas = 1
             finally:
                 await lean.close()
         wanted = shards or default
@@ -140,7 +138,7 @@ async def discover(url: str, *, cluster: bool = False, shards: int | None = None
                 f"this deployment uses {recorded} shards (recorded in {keys.CONFIG}); "
                 f"start with --shards {recorded}, or leave --shards out"
             )
-        return Topology(url, cluster, Keyspace(recorded), sharded_pubsub, wait_replicas)
+        return Topology(url, cluster, Keyspace(recorded), sharded_pubsub)
     finally:
         await client.aclose()
 
