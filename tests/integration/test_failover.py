@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,11 +41,26 @@ def replicaless_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Itera
         cluster.stop()
 
 
+Deploy = Callable[..., Awaitable[ProcessCluster]]
+
+
 @pytest.fixture
-def processes(tmp_path: Path) -> Iterator[list[ProcessCluster]]:
+def deploy(tmp_path: Path) -> Iterator[Deploy]:
+    """Start a deployment on a cluster: `gateways` gateways and a synthetic worker writing
+    `rate` tokens/s, healthy; stopped at the end of the test."""
     made: list[ProcessCluster] = []
+
+    async def start(url: str, *, rate: int, gateways: int = 1) -> ProcessCluster:
+        cluster = ProcessCluster(url, tmp_path, cluster=True)
+        made.append(cluster)
+        for _ in range(gateways):
+            cluster.add_gateway()
+        cluster.add_worker("--engine", "synthetic", "--synthetic-rate", str(rate))
+        await cluster.wait_healthy(timeout=30)
+        return cluster
+
     try:
-        yield made
+        yield start
     finally:
         for cluster in made:
             cluster.stop()
@@ -62,15 +77,10 @@ def promoted(cluster: EmbeddedCluster, replica: ClusterNode) -> bool:
     return b"cluster_state:ok" in info and role[0] == b"master"
 
 
-async def test_a_killed_master_loses_nothing_a_client_saw(
-    redis_cluster: EmbeddedCluster, processes: list[ProcessCluster], tmp_path: Path
-) -> None:
+async def test_a_killed_master_loses_nothing_a_client_saw(redis_cluster: EmbeddedCluster, deploy: Deploy) -> None:
     embedded = await healthy_and_flushed(redis_cluster)
-    cluster = ProcessCluster(embedded.url, tmp_path, cluster=True)
-    processes.append(cluster)
-    g1, g2 = cluster.add_gateway(), cluster.add_gateway()
-    cluster.add_worker("--engine", "synthetic", "--synthetic-rate", "40")
-    await cluster.wait_healthy(timeout=30)
+    cluster = await deploy(embedded.url, rate=40, gateways=2)
+    g1, g2 = cluster.gateways
     async with client(g1.port or 0, "alice") as a:
         mid = await a.chat("s", max_tokens=400)
         await a.wait_for(lambda f: f["type"] == "chunk" and f["seq"] >= 5)
@@ -100,17 +110,11 @@ async def test_a_killed_master_loses_nothing_a_client_saw(
     await restore(embedded, master)
 
 
-async def test_an_end_is_published_only_once_a_replica_has_it(
-    redis_cluster: EmbeddedCluster, processes: list[ProcessCluster], tmp_path: Path
-) -> None:
+async def test_an_end_is_published_only_once_a_replica_has_it(redis_cluster: EmbeddedCluster, deploy: Deploy) -> None:
     """With its master's replica stopped, a message cannot end: its terminal would be lost
     with the master. The worker keeps trying; once the replica is back, it ends, once."""
     embedded = await healthy_and_flushed(redis_cluster)
-    cluster = ProcessCluster(embedded.url, tmp_path, cluster=True)
-    processes.append(cluster)
-    gw = cluster.add_gateway()
-    cluster.add_worker("--engine", "synthetic", "--synthetic-rate", "100")
-    await cluster.wait_healthy(timeout=30)
+    (gw,) = (await deploy(embedded.url, rate=100)).gateways
     async with client(gw.port or 0, "alice") as a:
         mid = await a.chat("s", max_tokens=60)
         await a.wait_for(lambda f: f["type"] == "chunk" and f["message_id"] == mid)
@@ -137,16 +141,12 @@ async def end_waits_for(replica: ClusterNode, master: ClusterNode, a: Client, mi
 
 
 async def test_a_replica_that_joins_later_holds_back_its_masters_ends(
-    replicaless_cluster: EmbeddedCluster, processes: list[ProcessCluster], tmp_path: Path
+    replicaless_cluster: EmbeddedCluster, deploy: Deploy
 ) -> None:
     """Gateways and workers start on a cluster whose masters have no replica (a young Redis 7
     cluster also looks so in CLUSTER SLOTS, for its first seconds). A replica added later
     counts from then on: with it stopped, a message of its master cannot end."""
-    cluster = ProcessCluster(replicaless_cluster.url, tmp_path, cluster=True)
-    processes.append(cluster)
-    gw = cluster.add_gateway()
-    cluster.add_worker("--engine", "synthetic", "--synthetic-rate", "100")
-    await cluster.wait_healthy(timeout=30)
+    (gw,) = (await deploy(replicaless_cluster.url, rate=100)).gateways
     async with client(gw.port or 0, "alice") as a:
         first = await a.chat("s", max_tokens=5)
         assert (await a.terminal(first, timeout=t(10)))["type"] == "done", "no replica, no wait"
@@ -158,17 +158,13 @@ async def test_a_replica_that_joins_later_holds_back_its_masters_ends(
 
 
 async def test_a_stop_ends_its_message_while_the_replica_is_stopped(
-    redis_cluster: EmbeddedCluster, processes: list[ProcessCluster], tmp_path: Path
+    redis_cluster: EmbeddedCluster, deploy: Deploy
 ) -> None:
     """A Stop must not wait on a replica: with the master's replica stopped, the cancel's end
     goes out once WAIT gives up (1 s), and it is in the log for a client that resumes. A Stop
     of a message whose worker's end waits for the replica does not publish that end."""
     embedded = await healthy_and_flushed(redis_cluster)
-    cluster = ProcessCluster(embedded.url, tmp_path, cluster=True)
-    processes.append(cluster)
-    g1, g2 = cluster.add_gateway(), cluster.add_gateway()
-    cluster.add_worker("--engine", "synthetic", "--synthetic-rate", "40")
-    await cluster.wait_healthy(timeout=30)
+    g1, g2 = (await deploy(embedded.url, rate=40, gateways=2)).gateways
     async with client(g1.port or 0, "alice") as a, client(g2.port or 0, "alice") as b:
         first = await a.chat("s", max_tokens=400)  # the cancelling gateway learns the master has a replica
         await a.wait_for(lambda f: f["type"] == "chunk" and f["message_id"] == first)
