@@ -149,7 +149,7 @@ def test_cluster_compare_quick(tmp_path: Path) -> None:
                 f"single {name.split()[1]}" + ("" if name.endswith("no replicas") else " + replica")
             )
             number(summary["cost_ratio"])
-            assert len(summary["per_master_cost_ratio_by_round"]) == figures["rounds"]
-            assert number(summary["per_master_cost_ratio"]) > 0
+            assert len(summary["equal_load_cost_ratio_by_round"]) == figures["rounds"]
+            assert number(summary["equal_load_cost_ratio"]) > 0
             number(summary["p99_extra_ms"])
             assert number(figures[name]["bus_latency"]["other_master"]["p50"]) > 0

@@ -1,0 +1,24 @@
+"""The cost ratios of `bench.cluster_compare`, from made-up steps (no deployment)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.cluster_compare import _equal_load_ratios, _ratios
+
+
+def _step(gateway: float, worker: float, redis: float) -> dict[str, Any]:
+    return {"us_per_token": gateway + worker + redis,
+            "by_kind": {"gateway": gateway, "worker": worker, "redis": redis, "client": 20.0}}
+
+
+def test_the_goal_ratio_counts_gateways_and_workers_at_the_full_load_and_redis_at_a_third() -> None:
+    cluster = [_step(40.0, 90.0, 100.0)]
+    single = [_step(35.0, 70.0, 60.0)]
+    third = [_step(55.0, 150.0, 100.0)]
+    assert _equal_load_ratios(cluster, single, third) == [230.0 / (35.0 + 70.0 + 100.0)]
+    assert _ratios(cluster, single) == [230.0 / 165.0]
+
+
+def test_a_round_without_cpu_figures_gives_zero_not_a_division_error() -> None:
+    assert _equal_load_ratios([_step(1.0, 1.0, 1.0)], [_step(0.0, 0.0, 5.0)], [_step(9.0, 9.0, 0.0)]) == [0.0]
