@@ -60,10 +60,11 @@ connection pool (redis-py's asyncio default is 100) and some chats are refused `
 
 async def _window(cluster: Cluster, ports: list[int], cancels: int, lanes: int, load: int,
                   deadline_s: float, overloaded: bool = False, streaming_s: float = STREAMING_WINDOW_S,
-                  rate: float = RATE) -> dict[str, Any]:
+                  rate: float = RATE, keep_latencies: bool = False) -> dict[str, Any]:
     """One measured window: up to `cancels` cancels (none started after `deadline_s`), with
     `load` background streams. `overloaded`: the machine cannot carry the load, so a chat is
-    cancelled after its first chunk and gets longer to show it."""
+    cancelled after its first chunk and gets longer to show it. `keep_latencies`: every
+    cancel's latency too (`latencies_s`), for pooling over windows."""
     loader = None
     started = 0
     streaming: dict[str, float] = {}
@@ -116,6 +117,8 @@ async def _window(cluster: Cluster, ports: list[int], cancels: int, lanes: int, 
         "load_started": started,
         **streaming,
     }
+    if keep_latencies:
+        out["latencies_s"] = result["latencies_s"]
     if report is not None:
         out["load_gaps"] = report["gaps"]
         out["load_tokens_per_s"] = report["tokens"] / report["elapsed_s"]

@@ -141,6 +141,7 @@ def test_cluster_compare_quick(tmp_path: Path) -> None:
         cancel = figures[name]["cancel"][0]
         assert cancel["n"] == figures["cancels"] and cancel["failures"] == 0
         number(cancel["p99_ms"])
+        assert len(cancel["latencies_ms"]) == cancel["n"] and all(number(ms) > 0 for ms in cancel["latencies_ms"])
         assert figures[name]["failed_over"] is False
         summary = figures["summary"][name]
         assert summary["capacity"]["tokens_per_s_per_master"] > 0
@@ -152,4 +153,6 @@ def test_cluster_compare_quick(tmp_path: Path) -> None:
             assert len(summary["equal_load_cost_ratio_by_round"]) == figures["rounds"]
             assert number(summary["equal_load_cost_ratio"]) > 0
             number(summary["p99_extra_ms"])
+            low, high = (number(x) for x in summary["p99_extra_ci_ms"])
+            assert low <= high
             assert number(figures[name]["bus_latency"]["other_master"]["p50"]) > 0

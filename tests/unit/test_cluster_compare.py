@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.cluster_compare import _equal_load_ratios, _ratios
+from bench.cluster_compare import _equal_load_ratios, _ratios, cancel_shift
 
 
 def _step(gateway: float, worker: float, redis: float) -> dict[str, Any]:
@@ -22,3 +22,18 @@ def test_the_goal_ratio_counts_gateways_and_workers_at_the_full_load_and_redis_a
 
 def test_a_round_without_cpu_figures_gives_zero_not_a_division_error() -> None:
     assert _equal_load_ratios([_step(1.0, 1.0, 1.0)], [_step(0.0, 0.0, 5.0)], [_step(9.0, 9.0, 0.0)]) == [0.0]
+
+
+def _window(latencies_ms: list[float]) -> dict[str, Any]:
+    ordered = sorted(latencies_ms)
+    return {"p99_ms": ordered[int(0.99 * (len(ordered) - 1))], "latencies_ms": latencies_ms}
+
+
+def test_the_cancel_goal_pools_every_rounds_cancels_and_keeps_each_rounds_p99_beside_it() -> None:
+    single = [_window([1.0 + i / 100 for i in range(200)]), _window([1.5 + i / 100 for i in range(200)])]
+    cluster = [_window([x + 0.4 for x in w["latencies_ms"]]) for w in single]
+    shift = cancel_shift(single, cluster)
+    assert shift["p99_extra_ms"] == 0.4 and shift["p50_extra_ms"] == 0.4
+    low, high = shift["p99_extra_ci_ms"]
+    assert low <= 0.4 <= high
+    assert shift["p99_extra_ms_by_round"] == [0.4, 0.4]
