@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.cluster_compare import _equal_load_ratios, _ratios, cancel_shift
+from bench.cluster_compare import _cancel_rows, _equal_load_ratios, _ratios, cancel_shift
 
 
 def _step(gateway: float, worker: float, redis: float) -> dict[str, Any]:
@@ -37,3 +37,19 @@ def test_the_cancel_goal_pools_every_rounds_cancels_and_keeps_each_rounds_p99_be
     low, high = shift["p99_extra_ci_ms"]
     assert low <= 0.4 <= high
     assert shift["p99_extra_ms_by_round"] == [0.4, 0.4]
+
+
+def _cancel_summary(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    pooled = sorted(ms for w in windows for ms in w["latencies_ms"])
+    return {"cancels": len(pooled), "cancel_failures": 0, "p50_ms": pooled[len(pooled) // 2], "p99_ms": pooled[-2],
+            "p99_window_range_ms": [min(w["p99_ms"] for w in windows), max(w["p99_ms"] for w in windows)]}
+
+
+def test_the_cancel_goal_is_not_judged_when_the_baselines_p99_moves_more_than_the_goal_between_windows() -> None:
+    steady = [_window([1.0 + i / 100 for i in range(200)]), _window([1.2 + i / 100 for i in range(200)])]
+    noisy = [steady[0], _window([1.0 + i / 100 for i in range(190)] + [9.0] * 10)]
+    for single, verdict in ((steady, True), (noisy, None)):
+        cluster = [_window([x + 0.4 for x in w["latencies_ms"]]) for w in steady]
+        summary = {**_cancel_summary(cluster), **cancel_shift(single, cluster)}
+        goal_row = _cancel_rows("cluster 7", "single 7 + replica", summary, _cancel_summary(single))[1]
+        assert goal_row.met is verdict, goal_row
