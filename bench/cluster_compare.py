@@ -32,7 +32,7 @@ shared and its load drifts):
   the cancel sent on the other gateway), p50 / p99 of the push path. The goal's p99 difference
   pools every round's cancels of a deployment, with a bootstrap interval
   (`bench.stats.quantile_shift`): the p99 of one window of a few hundred cancels swings by
-  milliseconds from window to window here, by round it is shown beside.
+  milliseconds from window to window here. Each round's difference is shown beside it.
 
 After the rounds, on each cluster: how long a PUBLISH takes to reach a subscriber on the
 publishing master and on another master (through the cluster bus), the path of every frame
@@ -385,29 +385,24 @@ def rows(figures: Figures, summary: dict[str, Any]) -> list[Row]:
             out.append(Row(NAME, f"{name}: PUBLISH to a subscriber on another master / the same, p50 / p99",
                            f"{bus['other_master']['p50']:.2f} / {bus['other_master']['p99']:.2f} ms",
                            f"{bus['same_master']['p50']:.2f} / {bus['same_master']['p99']:.2f} ms"))
-        if not figures.get("cancels_only"):
-            cap = cluster["capacity"]
-            out.append(Row(NAME, f"{name}: tokens/s per master at {REDIS_CORE_SHARE:.0%} of a core; masters for "
-                                 f"10k / 100k streams", f"{cap['tokens_per_s_per_master']:,}",
-                           f"{cap['masters_10k_streams']} / {cap['masters_100k_streams']}"))
+    failed_over = [n for n in figures["targets"] if figures[n]["failed_over"]]
+    if failed_over:
+        out.append(Row(NAME, "a cluster failed over during the run", ", ".join(failed_over), "", "none", False))
     if not figures.get("cancels_only"):
         others = [summary[n]["others_cpu_percent"] for n in figures["targets"]]
         out.append(Row(NAME, "CPU of other processes during the throughput steps (of 200%)",
                        f"{min(others):.0f}-{max(others):.0f}%",
                        "load average " + " → ".join(f"{la[0]:.1f}" for la in figures["load_average"])))
-    failed_over = [n for n in figures["targets"] if figures[n]["failed_over"]]
-    if failed_over:
-        out.append(Row(NAME, "a cluster failed over during the run", ", ".join(failed_over), "", "none", False))
-    for name in [] if figures.get("cancels_only") else figures["targets"]:
-        out.append(Row(NAME, f"CPU, {name}, last round", cpu_summary(figures[name]["throughput"][-1]["cpu_percent"]),
-                       "of 200% (2 cores)"))
+        for name in figures["targets"]:
+            out.append(Row(NAME, f"CPU, {name}, last round",
+                           cpu_summary(figures[name]["throughput"][-1]["cpu_percent"]), "of 200% (2 cores)"))
     return out
 
 
 def _cost_rows(
     figures: Figures, name: str, base: str, cluster: dict[str, Any], single: dict[str, Any]
 ) -> list[Row]:
-    """CPU per token, the goal's cost ratio and what it is made of, for one cluster."""
+    """CPU per token, the goal's cost ratio and what it is made of, and capacity, for one cluster."""
     out: list[Row] = []
     streams = figures["streams"]
     load = f"{streams:,} streams × {figures['rate']} tok/s"
@@ -432,6 +427,10 @@ def _cost_rows(
                    f"{cluster['replicas_us_per_token']:.1f}",
                    f"{base}: {single['redis_us_per_token']:.1f}; at {single['third_tokens_per_s']:,.0f} tokens/s "
                    f"{single['third_redis_us_per_token']:.1f}"))
+    cap = cluster["capacity"]
+    out.append(Row(NAME, f"{name}: tokens/s per master at {REDIS_CORE_SHARE:.0%} of a core; masters for "
+                         f"10k / 100k streams", f"{cap['tokens_per_s_per_master']:,}",
+                   f"{cap['masters_10k_streams']} / {cap['masters_100k_streams']}"))
     return out
 
 
